@@ -1,0 +1,75 @@
+"""Build a model from a directory: config.json + safetensors (HF, ours, mlx-lm's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelArgs, load_config
+from .errors import ConfigError
+from .hub import resolve_model_path
+from .model import Model
+from .weights import check_and_load, iter_shards
+
+
+def quantization_of(config: dict[str, Any]) -> dict[str, Any] | None:
+    return config.get("quantization") or config.get("quantization_config")
+
+
+def apply_quantization(model: Model, quantization: dict[str, Any], weights: dict, source: str):
+    """Swap modules for quantized ones as the checkpoint says (mlx-lm's convention).
+
+    `quantization` holds the default `group_size`/`bits`/`mode` plus per-module overrides keyed by
+    module path (a dict of settings, or False for "left unquantized").
+    """
+    try:
+        default = {"group_size": int(quantization["group_size"]), "bits": int(quantization["bits"])}
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(
+            f"{source}: 'quantization' needs integer 'group_size' and 'bits'"
+        ) from None
+    mode = quantization.get("mode", "affine")
+
+    def predicate(path: str, module: nn.Module):
+        override = quantization.get(path)
+        if isinstance(override, dict):
+            return {"mode": mode, **override}
+        if override is False or not hasattr(module, "to_quantized"):
+            return False
+        return f"{path}.scales" in weights
+
+    nn.quantize(model, **default, mode=mode, class_predicate=predicate)
+
+
+def build_model(config: dict[str, Any], source: str = "config.json") -> Model:
+    return Model(ModelArgs.from_dict(config, source))
+
+
+def load_model(path_or_id: str | Path, *, lazy: bool = False) -> tuple[Model, dict[str, Any]]:
+    model_dir = resolve_model_path(path_or_id)
+    config = load_config(model_dir)
+    model = build_model(config, str(model_dir / "config.json"))
+    weights: dict[str, mx.array] = {}
+    for _, shard in iter_shards(model_dir):
+        weights.update(shard)
+    weights = model.sanitize(weights)
+    quantization = quantization_of(config)
+    if quantization and any(k.endswith(".scales") for k in weights):
+        apply_quantization(model, quantization, weights, str(model_dir / "config.json"))
+    check_and_load(model, weights, str(model_dir))
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model, config
+
+
+def load(path_or_id: str | Path, *, lazy: bool = False):
+    """Load a Qwen3 checkpoint directory or hub id → (model, tokenizer)."""
+    from .tokenizer import load_tokenizer
+
+    model_dir = resolve_model_path(path_or_id)
+    model, _ = load_model(model_dir, lazy=lazy)
+    return model, load_tokenizer(model_dir)

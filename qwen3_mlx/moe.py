@@ -1,0 +1,141 @@
+"""Qwen3 mixture-of-experts block: router + experts.
+
+Parameter names follow mlx-lm's on-disk layout (`mlp.gate`, `mlp.switch_mlp.{gate,up,down}_proj`
+with experts stacked on axis 0) so checkpoints move freely between the two projects.
+
+The reference path runs the experts with `mx.gather_qmm` (quantized) or `mx.gather_mm`.
+`Experts.__call__` is the seam where fused kernels (qwen3_mlx.kernels) take over when the
+backend, shape and quantization allow it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Sorting tokens by expert pays off once enough (token, expert) pairs share experts.
+SORT_THRESHOLD = 64
+
+
+class ExpertLinear(nn.Module):
+    """`num_experts` stacked linear layers without bias: weight (E, out, in)."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        scale = math.sqrt(1 / input_dims)
+        self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_mm(
+            x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+        )
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+        return QuantizedExpertLinear.from_weight(self.weight, group_size, bits, mode)
+
+
+class QuantizedExpertLinear(nn.Module):
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        num_experts: int,
+        group_size: int = 64,
+        bits: int = 4,
+        mode: str = "affine",
+    ):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self._assign(mx.zeros((num_experts, output_dims, input_dims)))
+        self.freeze()
+
+    @classmethod
+    def from_weight(cls, weight: mx.array, group_size: int, bits: int, mode: str = "affine"):
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.group_size, layer.bits, layer.mode = group_size, bits, mode
+        layer._assign(weight)
+        layer.freeze()
+        return layer
+
+    def _assign(self, weight: mx.array):
+        self.weight, self.scales, *biases = mx.quantize(
+            weight, self.group_size, self.bits, mode=self.mode
+        )
+        if biases:
+            self.biases = biases[0]
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(
+            x,
+            self.weight,
+            self.scales,
+            self.get("biases"),
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
+
+
+class Experts(nn.Module):
+    """All experts of one layer as three stacked projections with SwiGLU."""
+
+    def __init__(self, dims: int, hidden_dims: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = ExpertLinear(dims, hidden_dims, num_experts)
+        self.up_proj = ExpertLinear(dims, hidden_dims, num_experts)
+        self.down_proj = ExpertLinear(hidden_dims, dims, num_experts)
+
+    def __call__(self, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
+        """x (..., D), indices/scores (..., k) → routing-weighted sum of expert outputs (..., D)."""
+        return self.reference(x, indices, scores)
+
+    def reference(self, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
+        shape = indices.shape
+        x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, D): one row per token for gather_mm
+        do_sort = indices.size >= SORT_THRESHOLD
+        if do_sort:
+            # Expert-sorted order makes gather_(q)mm read each expert's weights contiguously.
+            k = shape[-1]
+            flat = indices.flatten()
+            order = mx.argsort(flat)
+            inverse = mx.argsort(order)
+            x, idx = x.flatten(0, -3)[order // k], flat[order]
+        else:
+            idx = indices
+        h = nn.silu(self.gate_proj(x, idx, do_sort)) * self.up_proj(x, idx, do_sort)
+        y = self.down_proj(h, idx, do_sort)
+        if do_sort:
+            y = mx.unflatten(y[inverse], 0, shape)
+        y = y.squeeze(-2)  # (..., k, D)
+        return (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(
+        self, dims: int, hidden_dims: int, num_experts: int, top_k: int, norm_topk_prob: bool
+    ):
+        super().__init__()
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(dims, num_experts, bias=False)
+        self.switch_mlp = Experts(dims, hidden_dims, num_experts)
+
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Softmax over all experts (in float32), keep the top-k, optionally renormalise."""
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
+        k = self.top_k
+        indices = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+        scores = mx.take_along_axis(probs, indices, axis=-1)
+        if self.norm_topk_prob:
+            scores = scores / scores.sum(axis=-1, keepdims=True)
+        return indices, scores.astype(x.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        indices, scores = self.route(x)
+        return self.switch_mlp(x, indices, scores)
