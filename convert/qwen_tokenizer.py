@@ -104,7 +104,9 @@ def _build_tokenizer_json(tiktoken_file: Path):
     from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    tokenizer = TikTokenConverter(vocab_file=str(tiktoken_file), pattern=QWEN_SPLIT_PATTERN).converted()
+    tokenizer = TikTokenConverter(
+        vocab_file=str(tiktoken_file), pattern=QWEN_SPLIT_PATTERN
+    ).converted()
     base_size = tokenizer.get_vocab_size()
     if base_size != FIRST_ADDED_ID:
         raise TokenizerError(
@@ -131,7 +133,9 @@ def _build_tokenizer_json(tiktoken_file: Path):
             tokenizer.add_tokens([token])
     for offset, (content, _) in enumerate(QWEN3_ADDED_TOKENS):
         if tokenizer.token_to_id(content) != FIRST_ADDED_ID + offset:
-            raise TokenizerError(f"{tiktoken_file}: {content} did not get id {FIRST_ADDED_ID + offset}")
+            raise TokenizerError(
+                f"{tiktoken_file}: {content} did not get id {FIRST_ADDED_ID + offset}"
+            )
     return tokenizer
 
 
@@ -179,6 +183,8 @@ def _cache_root() -> Path:
 def cached_qwen3_tokenizer(tiktoken_file: str | Path | None = None) -> Path:
     """The cached tokenizer directory (no chat template), built on first use."""
     source = Path(tiktoken_file) if tiktoken_file else find_qwen_tiktoken()
+    if not source.is_file():
+        raise TokenizerError(f"{source}: qwen.tiktoken is missing")
     digest = hashlib.sha256(source.read_bytes() + BUILD_VERSION.encode()).hexdigest()[:16]
     target = _cache_root() / f"qwen3-{digest}"
     if (target / "tokenizer_config.json").is_file():
@@ -220,7 +226,9 @@ def build_qwen3_tokenizer(
     cached = cached_qwen3_tokenizer(tiktoken_file)
     if out_dir is None:
         if chat_template is not None:
-            raise TokenizerError("chat_template needs an out_dir: the shared cache stays template-free")
+            raise TokenizerError(
+                "chat_template needs an out_dir: the shared cache stays template-free"
+            )
         return cached
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Write a Qwen3 tokenizer.json + tokenizer_config.json built from qwen.tiktoken."
     )
     parser.add_argument("out_dir", help="directory to write the tokenizer files into")
-    parser.add_argument("--chat-template", metavar="FILE", help="jinja file to embed as chat_template")
-    parser.add_argument("--tiktoken", metavar="FILE", help="qwen.tiktoken (default: dashscope's copy)")
+    parser.add_argument(
+        "--chat-template", metavar="FILE", help="jinja file to embed as chat_template"
+    )
+    parser.add_argument(
+        "--tiktoken", metavar="FILE", help="qwen.tiktoken (default: dashscope's copy)"
+    )
     args = parser.parse_args(argv)
     try:
         template = None
@@ -243,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 template = Path(args.chat_template).read_text(encoding="utf-8")
             except OSError as e:
-                raise TokenizerError(f"{args.chat_template}: cannot read chat template ({e.strerror})") from e
-        out = build_qwen3_tokenizer(args.out_dir, chat_template=template, tiktoken_file=args.tiktoken)
+                raise TokenizerError(
+                    f"{args.chat_template}: cannot read chat template ({e.strerror})"
+                ) from e
+        out = build_qwen3_tokenizer(
+            args.out_dir, chat_template=template, tiktoken_file=args.tiktoken
+        )
     except Qwen3MLXError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
