@@ -39,7 +39,14 @@ def apply_quantization(model: Model, quantization: dict[str, Any], weights: dict
             return {"mode": mode, **override}
         if override is False or not hasattr(module, "to_quantized"):
             return False
-        return f"{path}.scales" in weights
+        if f"{path}.scales" not in weights:
+            return False
+        # Not named in the config: recover the settings from the packed shapes (as mlx-lm does)
+        # rather than trusting the top-level default.
+        in_dims = module.weight.shape[-1]
+        group_size = in_dims // weights[f"{path}.scales"].shape[-1]
+        bits = weights[f"{path}.weight"].shape[-1] * 32 // in_dims
+        return {"group_size": group_size, "bits": bits, "mode": mode}
 
     nn.quantize(model, **default, mode=mode, class_predicate=predicate)
 
@@ -48,9 +55,16 @@ def build_model(config: dict[str, Any], source: str = "config.json") -> Model:
     return Model(ModelArgs.from_dict(config, source))
 
 
-def load_model(path_or_id: str | Path, *, lazy: bool = False) -> tuple[Model, dict[str, Any]]:
+def load_model(
+    path_or_id: str | Path, *, lazy: bool = False, long_context: bool = False
+) -> tuple[Model, dict[str, Any]]:
+    """`long_context=True` switches on YaRN to 131,072 tokens (see cache.enable_long_context)."""
     model_dir = resolve_model_path(path_or_id)
     config = load_config(model_dir)
+    if long_context:
+        from .cache import enable_long_context
+
+        config = enable_long_context(config)
     model = build_model(config, str(model_dir / "config.json"))
     weights: dict[str, mx.array] = {}
     for _, shard in iter_shards(model_dir):
@@ -66,10 +80,10 @@ def load_model(path_or_id: str | Path, *, lazy: bool = False) -> tuple[Model, di
     return model, config
 
 
-def load(path_or_id: str | Path, *, lazy: bool = False):
+def load(path_or_id: str | Path, *, lazy: bool = False, long_context: bool = False):
     """Load a Qwen3 checkpoint directory or hub id → (model, tokenizer)."""
     from .tokenizer import load_tokenizer
 
     model_dir = resolve_model_path(path_or_id)
-    model, _ = load_model(model_dir, lazy=lazy)
+    model, _ = load_model(model_dir, lazy=lazy, long_context=long_context)
     return model, load_tokenizer(model_dir)

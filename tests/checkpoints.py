@@ -73,3 +73,37 @@ def to_hub_dialect(config_path: Path) -> None:
     if "dtype" in config:
         config["torch_dtype"] = config.pop("dtype")
     config_path.write_text(json.dumps(config, indent=2))
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
+    """A tiny word-level tokenizer beside a tiny checkpoint (mlx_lm.load/convert need one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    out_dir = Path(out_dir)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    words = vocab_size - len(specials)
+    vocab = {f"w{i}": i for i in range(words)}
+    vocab.update({tok: words + i for i, tok in enumerate(specials)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(specials)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "model_max_length": 512,
+            },
+            indent=2,
+        )
+    )
+    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return out_dir
