@@ -1,0 +1,85 @@
+"""The `qwen3-mlx` console script: one subcommand per tool, each the module's own main().
+
+    qwen3-mlx convert  ...   = python -m qwen3_mlx.convert ...
+    qwen3-mlx generate ...   = python -m qwen3_mlx.generate ...
+    qwen3-mlx chat     ...   = python -m qwen3_mlx.chat ...
+    qwen3-mlx serve    ...   = python -m qwen3_mlx.server ...
+    qwen3-mlx bench    ...   = the benchmarks' entry point
+
+Modules are imported only when their subcommand runs, so `qwen3-mlx --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (modules to try, in order, for a main(argv) function; one-line help)
+COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "convert": (
+        ("qwen3_mlx.convert",),
+        "convert a Hugging Face checkpoint to MLX (optionally quantized)",
+    ),
+    "generate": (("qwen3_mlx.generate",), "generate one reply from a prompt"),
+    "chat": (("qwen3_mlx.chat",), "chat in the terminal"),
+    "serve": (
+        ("qwen3_mlx.server.__main__", "qwen3_mlx.server"),
+        "run the LM Studio-compatible server",
+    ),
+    "bench": (("qwen3_mlx.bench", "benchmarks.__main__", "benchmarks.run"), "run the benchmarks"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: qwen3-mlx <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10}{help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `qwen3-mlx <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def find_main(command: str):
+    """The `main` function behind `command`, or None when no module provides it."""
+    for name in COMMANDS[command][0]:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            # Only a missing module of our own means "not here"; a missing dependency is real.
+            if e.name and (name == e.name or name.startswith(e.name + ".")):
+                continue
+            raise
+        if callable(getattr(module, "main", None)):
+            return module.main
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(version("qwen3-mlx"))
+        except PackageNotFoundError:
+            print("qwen3-mlx (not installed)")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    entry = find_main(command)
+    if entry is None:
+        modules = " or ".join(COMMANDS[command][0])
+        print(
+            f"error: '{command}' is not available in this installation ({modules} missing)",
+            file=sys.stderr,
+        )
+        return 1
+    result = entry(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
