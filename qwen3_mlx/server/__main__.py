@@ -1,0 +1,140 @@
+"""`python -m qwen3_mlx.server`: serve Qwen3 models the way LM Studio does (port 1234, /v1, /api/v0)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..errors import Qwen3MLXError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m qwen3_mlx.server",
+        description="An OpenAI- and LM Studio-compatible server for Qwen3 on MLX.",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        metavar="PATH_OR_ID",
+        help="model directory or hub id; repeat to serve several (default: the built-in demo model)",
+    )
+    p.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="PATH_OR_ID",
+        help="serve this checkpoint as an embedding model (for ones without sentence-transformers files)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=1234)
+    p.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (default: any key is accepted)"
+    )
+    p.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers")
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=16,
+        help="requests decoded together in one batch (default 16)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting beyond those; more get 503 (default 64)",
+    )
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        help="refuse requests asking for more output tokens than this",
+    )
+    p.add_argument(
+        "--max-body-mb", type=float, default=16.0, help="largest request body (default 16 MB)"
+    )
+    p.add_argument("--context-length", type=int, help="override the models' context length")
+    p.add_argument(
+        "--prompt-cache-mb",
+        type=float,
+        default=2048,
+        help="memory for KV caches kept for reuse by later requests (default 2048 MB)",
+    )
+    p.add_argument(
+        "--prefill-step",
+        type=int,
+        default=512,
+        help="prompt tokens processed between decode steps (default 512)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
+    try:
+        for name, value in (
+            ("--max-concurrency", args.max_concurrency),
+            ("--max-queue", args.max_queue),
+            ("--max-tokens-limit", args.max_tokens_limit),
+            ("--prefill-step", args.prefill_step),
+        ):
+            if value is not None and value < 1:
+                raise Qwen3MLXError(f"{name} {value}: must be at least 1")
+        app = build_app(args)
+    except Qwen3MLXError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    import uvicorn
+
+    print(
+        f"qwen3-mlx server on http://{args.host}:{args.port}/v1 "
+        f"(models: {', '.join(m.id for m in app.state.registry)})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3
+    )
+    return 0
+
+
+def build_app(args: argparse.Namespace):
+    from ..assets import resolve_model_argument
+    from .app import Settings, create_app
+    from .engine import Engine
+    from .models import ModelRegistry, load_served_model
+
+    sources = [(m, None) for m in (args.model or [])] + [(m, True) for m in args.embedding]
+    if not sources:
+        sources = [(resolve_model_argument(None), None)]
+    models = []
+    for source, embedding in sources:
+        print(f"loading {source} ...", file=sys.stderr, flush=True)
+        models.append(
+            load_served_model(source, embedding=embedding, context_length=args.context_length)
+        )
+    registry = ModelRegistry(models)
+    engine = Engine(
+        models,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        prefill_step=args.prefill_step,
+        prefix_cache_bytes=int(args.prompt_cache_mb * (1 << 20)),
+    )
+    settings = Settings(
+        api_key=args.api_key,
+        cors=args.cors,
+        max_tokens_limit=args.max_tokens_limit,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+    )
+    return create_app(registry, engine, settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

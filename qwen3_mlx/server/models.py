@@ -1,0 +1,196 @@
+"""The models a server holds: loading, the names clients use, and what LM Studio reports about them.
+
+A checkpoint is served either as a chat model (causal LM) or as an embedding model. Qwen3-Embedding
+checkpoints have the same architecture, so they are recognised by their files: sentence-transformers'
+`modules.json` / `config_sentence_transformers.json`, or a bare-body `architectures` entry
+("Qwen3Model"). `--embedding` forces it for a checkpoint that carries neither.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from ..config import load_config
+from ..errors import ConfigError
+from ..hub import resolve_model_path
+from ..loading import apply_quantization, build_model, quantization_of
+from ..model import Model
+from ..tokenizer import Tokenizer, load_tokenizer
+from ..weights import check_and_load, iter_shards
+
+EMBEDDING_MARKERS = ("modules.json", "config_sentence_transformers.json")
+DEMO_MODEL_ID = "qwen3-mlx-demo"
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    path: Path
+    model: Model
+    tokenizer: Tokenizer
+    config: dict[str, Any]
+    kind: str  # "llm" | "embeddings"
+    context_length: int
+    publisher: str = "local"
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> str:
+        return str(self.config.get("model_type", "qwen3"))
+
+    @property
+    def quantization(self) -> str:
+        quant = quantization_of(self.config)
+        if quant and "bits" in quant:
+            return f"{quant['bits']}bit"
+        dtype = str(self.config.get("torch_dtype") or self.config.get("dtype") or "float32")
+        return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+
+    @property
+    def capabilities(self) -> list[str]:
+        return ["tool_use", "structured_output", "reasoning"] if self.kind == "llm" else []
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = set(self.tokenizer.eos_token_ids)
+        ids.update(_as_list(self.generation_config.get("eos_token_id")))
+        end_of_text = self.tokenizer.token_to_id("<|endoftext|>")
+        if end_of_text is not None:
+            ids.add(end_of_text)  # ends raw completions too
+        return ids
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def is_embedding_checkpoint(model_dir: Path, config: dict[str, Any]) -> bool:
+    if any((model_dir / name).exists() for name in EMBEDDING_MARKERS):
+        return True
+    return any(not a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
+def context_length_of(config: dict[str, Any]) -> int:
+    length = int(config.get("max_position_embeddings") or 40960)
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "yarn" and scaling.get("factor"):
+        original = scaling.get("original_max_position_embeddings") or length
+        length = max(length, int(original * float(scaling["factor"])))
+    return length
+
+
+def model_id_for(path_or_id: str) -> str:
+    """The name `/v1/models` lists: a hub id as given, a directory by its (lowercased) name."""
+    from ..assets import DEMO_MODEL_PATH
+
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if path.resolve() == DEMO_MODEL_PATH:
+            return DEMO_MODEL_ID
+        return path.resolve().name.lower()
+    return str(path_or_id)
+
+
+def _load_weights(model_dir: Path, config: dict[str, Any], embedding: bool) -> Model:
+    if embedding:
+        # The bare body has no lm_head; tying the head means none is expected (it is never used).
+        config = {**config, "tie_word_embeddings": True}
+    model = build_model(config, str(model_dir / "config.json"))
+    weights: dict[str, mx.array] = {}
+    for _, shard in iter_shards(model_dir):
+        weights.update(shard)
+    weights = model.sanitize(weights)
+    if embedding:
+        weights.pop("lm_head.weight", None)
+    quantization = quantization_of(config)
+    if quantization and any(k.endswith(".scales") for k in weights):
+        apply_quantization(model, quantization, weights, str(model_dir / "config.json"))
+    check_and_load(model, weights, str(model_dir))
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load_served_model(
+    path_or_id: str,
+    *,
+    embedding: bool | None = None,
+    context_length: int | None = None,
+    model_id: str | None = None,
+) -> LoadedModel:
+    model_dir = resolve_model_path(path_or_id)
+    config = load_config(model_dir)
+    if embedding is None:
+        embedding = is_embedding_checkpoint(model_dir, config)
+    model = _load_weights(model_dir, config, embedding)
+    tokenizer = load_tokenizer(model_dir)
+    native = context_length_of(config)
+    if context_length is not None and context_length < 1:
+        raise ConfigError(f"--context-length {context_length}: must be positive")
+    generation_config = {}
+    gen_file = model_dir / "generation_config.json"
+    if gen_file.exists():
+        try:
+            generation_config = json.loads(gen_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{gen_file}: not valid JSON ({e})") from None
+    path = Path(path_or_id).expanduser()
+    return LoadedModel(
+        id=model_id or model_id_for(path_or_id),
+        path=model_dir,
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        kind="embeddings" if embedding else "llm",
+        context_length=context_length or native,
+        publisher="local" if path.exists() else str(path_or_id).split("/")[0],
+        generation_config=generation_config,
+    )
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+class ModelRegistry:
+    """Name → model. With one model loaded, every name is served by it (LM Studio does this)."""
+
+    def __init__(self, models: list[LoadedModel]):
+        if not models:
+            raise ConfigError("no model to serve")
+        self.models = {m.id: m for m in models}
+        if len(self.models) != len(models):
+            raise ConfigError("two --model arguments resolve to the same name")
+
+    def __iter__(self):
+        return iter(self.models.values())
+
+    def __len__(self):
+        return len(self.models)
+
+    def get(self, name: str | None, kind: str | None = None) -> LoadedModel:
+        candidates = [m for m in self.models.values() if kind is None or m.kind == kind]
+        if name in self.models:
+            return self.models[name]
+        if name:
+            # Accept the hub-style or case-insensitive spelling of a loaded name.
+            lowered = name.lower()
+            for m in self.models.values():
+                if lowered in (m.id.lower(), m.id.lower().split("/")[-1]):
+                    return m
+        if len(self.models) == 1:
+            return next(iter(self.models.values()))
+        if not name and len(candidates) == 1:
+            return candidates[0]
+        raise ModelNotFound(
+            f"model {name!r} is not loaded; loaded: {', '.join(sorted(self.models))}"
+            if name
+            else f"several models are loaded ({', '.join(sorted(self.models))}): name one in 'model'"
+        )

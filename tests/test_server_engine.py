@@ -1,0 +1,227 @@
+"""The server's engine in-process: batched decode equals one-at-a-time, prefix reuse, cancellation.
+
+Uses the tiny random Qwen3 from conftest (real tokenizer, greedy decoding), no HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache
+
+from qwen3_mlx.generate import Sequence, forward
+from qwen3_mlx.sampling import SamplingParams
+from qwen3_mlx.server.engine import (
+    Channel,
+    Engine,
+    EngineBusy,
+    Finished,
+    GenerationRequest,
+    Output,
+    _Batch,
+    _Row,
+)
+from qwen3_mlx.server.models import load_served_model
+
+
+@pytest.fixture(scope="module")
+def served(tiny_qwen3_dir):
+    return load_served_model(str(tiny_qwen3_dir))
+
+
+def single_logits(model, prompt: list[int], continuation: list[int]) -> list[mx.array]:
+    """Logits after the prompt, then after each continuation token, with a plain KV cache."""
+    cache = [KVCache() for _ in model.layers]
+    out = [forward(model, mx.array([prompt]), cache)[0]]
+    for token in continuation:
+        out.append(forward(model, mx.array([[token]]), cache)[0])
+    return out
+
+
+def make_request(served, prompt, max_tokens=8, seed=None, **params) -> GenerationRequest:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=seed, **params).resolve(
+        thinking=False
+    )
+    seq = Sequence(served.tokenizer, prompt, params, prompt_state="answer", parse_tools=False)
+    return GenerationRequest(served, prompt, seq, params, Channel(asyncio.get_running_loop()))
+
+
+def test_batched_logits_equal_single_sequence_logits(served):
+    """Rows joining mid-flight and leaving early see exactly the logits they would alone."""
+    model = served.model
+    prompts = {"a": [11, 22, 33, 44, 55], "b": [7, 8, 9, 10, 11, 12, 13, 14, 15], "c": [99, 98, 97]}
+    follow = {"a": [1, 2, 3, 4, 5], "b": [6, 7, 8, 9, 10], "c": [11, 12, 13]}
+    expected = {k: single_logits(model, prompts[k], follow[k]) for k in prompts}
+
+    batch = _Batch(served)
+
+    def join(name):
+        request = type(
+            "R", (), {"prompt": prompts[name], "sequence": None, "params": SamplingParams()}
+        )
+        row = _Row.__new__(_Row)
+        row.cache = [KVCache() for _ in model.layers]
+        forward(model, mx.array([prompts[name][:-1]]), row.cache)
+        row.request, row.name, row.step, row.next_input = request, name, 0, prompts[name][-1]
+        batch.add(row)
+
+    def step():
+        logits = forward(model, mx.array([[r.next_input] for r in batch.rows]), batch.cache)
+        for i, row in enumerate(batch.rows):
+            diff = mx.abs(logits[i] - expected[row.name][row.step]).max().item()
+            assert diff < 1e-4, f"row {row.name} step {row.step}: max |diff| {diff}"
+            row.next_input = follow[row.name][row.step] if row.step < len(follow[row.name]) else 0
+            row.step += 1
+
+    join("a")
+    join("b")
+    step()
+    step()
+    join("c")  # joins a batch that has decoded two steps
+    step()
+    batch.keep([i for i, r in enumerate(batch.rows) if r.name != "a"])  # a leaves early
+    step()
+    step()
+    assert [r.name for r in batch.rows] == ["b", "c"]
+
+
+async def run(engine: Engine, request: GenerationRequest) -> tuple[list[int], Finished]:
+    engine.submit(request)
+    tokens = []
+    while True:
+        event = await asyncio.wait_for(request.channel.get(), 60)
+        if isinstance(event, Output):
+            tokens.append(event.step.token)
+        else:
+            assert isinstance(event, Finished), event
+            return request.sequence.tokens, event
+
+
+def test_concurrent_requests_decode_like_single_ones(served):
+    asyncio.run(_test_concurrent_requests_decode_like_single_ones(served))
+
+
+async def _test_concurrent_requests_decode_like_single_ones(served):
+    prompts = [
+        served.tokenizer.encode(t)
+        for t in ("Hello there", "The weather in Paris is", "1 2 3 4 5 6 7")
+    ]
+    lengths = [12, 5, 9]
+    alone = Engine([served], max_concurrency=1)
+    alone.start()
+    try:
+        expected = [
+            await run(alone, make_request(served, p, n))
+            for p, n in zip(prompts, lengths, strict=True)
+        ]
+    finally:
+        alone.close()
+    together = Engine([served], max_concurrency=8)
+    together.start()
+    try:
+        results = await asyncio.gather(
+            *(
+                run(together, make_request(served, p, n))
+                for p, n in zip(prompts, lengths, strict=True)
+            )
+        )
+        assert together.steps < sum(lengths)  # the rows shared decode steps
+    finally:
+        together.close()
+    for (tokens, finished), (want, _) in zip(results, expected, strict=True):
+        assert tokens == want
+        assert finished.finish_reason == "length"
+        assert finished.completion_tokens == len(want)
+
+
+def test_prefix_cache_reuse_reports_cached_tokens_and_changes_nothing(served):
+    asyncio.run(_test_prefix_cache_reuse_reports_cached_tokens_and_changes_nothing(served))
+
+
+async def _test_prefix_cache_reuse_reports_cached_tokens_and_changes_nothing(served):
+    engine = Engine([served])
+    engine.start()
+    try:
+        base = served.tokenizer.encode("A long shared system prompt about many things. " * 4)
+        first, f1 = await run(engine, make_request(served, base + [100, 101], 6))
+        assert f1.cached_tokens == 0
+        second, f2 = await run(engine, make_request(served, base + [100, 101], 6))
+        assert f2.cached_tokens == len(base) + 1  # all but the last prompt token
+        assert second == first
+        third, f3 = await run(engine, make_request(served, base + [200], 6))
+        assert f3.cached_tokens == len(base)
+    finally:
+        engine.close()
+    fresh = Engine([served])
+    fresh.start()
+    try:
+        want, _ = await run(fresh, make_request(served, base + [200], 6))
+    finally:
+        fresh.close()
+    assert third == want
+
+
+def test_cancel_frees_the_slot_and_queue_is_bounded(served):
+    asyncio.run(_test_cancel_frees_the_slot_and_queue_is_bounded(served))
+
+
+async def _test_cancel_frees_the_slot_and_queue_is_bounded(served):
+    engine = Engine([served], max_concurrency=1, max_queue=1)
+    engine.start()
+    try:
+        long = make_request(served, served.tokenizer.encode("count"), 100_000)
+        engine.submit(long)
+        first = await asyncio.wait_for(long.channel.get(), 30)
+        assert isinstance(first, Output)
+        waiting = make_request(served, served.tokenizer.encode("next"), 3)
+        engine.submit(waiting)  # waits: the only slot is taken
+        with pytest.raises(EngineBusy, match="--max-queue"):
+            engine.submit(make_request(served, [1, 2], 3))
+        long.cancel()
+        engine.wake()
+        while not isinstance(event := await asyncio.wait_for(long.channel.get(), 30), Finished):
+            pass
+        assert event.finish_reason == "abort"
+        tokens, finished = await asyncio.wait_for(_drain(waiting), 30)
+        assert finished.finish_reason == "length" and len(tokens) == 3
+        for _ in range(100):  # the Finished event may overtake the batch bookkeeping by a hair
+            if engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        stats = engine.stats()
+        assert (stats["running"], stats["prefilling"], stats["queued"], stats["cancelled"]) == (
+            0,
+            0,
+            0,
+            1,
+        )
+    finally:
+        engine.close()
+
+
+async def _drain(request):
+    while True:
+        event = await request.channel.get()
+        if isinstance(event, Finished):
+            return request.sequence.tokens, event
+
+
+def test_dense_output_head_matches_the_quantized_one(tiny_qwen3_dir):
+    """On CPU the engine computes a quantized head densely; the logits must agree."""
+    import mlx.nn as nn
+
+    from qwen3_mlx.loading import load_model
+    from qwen3_mlx.server.engine import output_head
+
+    model, _ = load_model(tiny_qwen3_dir)
+    nn.quantize(model, group_size=32, bits=4)
+    hidden = mx.random.normal((3, model.args.hidden_size), key=mx.random.key(0))
+    want = model.logits(hidden).astype(mx.float32)
+    got = output_head(model)(hidden).astype(mx.float32)
+    if mx.default_device() == mx.cpu:
+        assert output_head(model) != model.logits
+    scale = mx.abs(want).max().item()
+    assert mx.abs(got - want).max().item() < 0.02 * scale
+    assert (mx.argmax(got, axis=-1) == mx.argmax(want, axis=-1)).all().item()
