@@ -3,19 +3,123 @@
 A decoder layer is pre-norm attention (GQA, RMSNorm on each q/k head, RoPE) then a pre-norm
 feed-forward that is either a SwiGLU MLP or a sparse MoE block (see moe.py). Parameter names are
 mlx-lm's, so `sanitize()` is the only place that knows about Hugging Face names.
+
+Speed (see kernels.py, benchmarks/): q/k/v (and a dense MLP's gate/up) run as one matmul over
+weights concatenated after loading, never renamed on disk. Where fused kernels run (kernels.py),
+a decode layer is: attention prologue (norm → qkv → q/k norm → RoPE), cache update, attention,
+output projection + residual, then router / gate+up / down (norms folded in). A one-token
+decode step runs each layer's cache-free work as one `mx.compile`d function
+(QWEN3_MLX_COMPILE=0 turns that off).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
 
+from . import kernels as fused
 from .config import ModelArgs
+from .errors import ConfigError
 from .moe import SparseMoeBlock
 from .rope import RoPE
+
+
+class FusedLinear:
+    """Several bias-free linear layers over the same input as one matmul.
+
+    Built from loaded layers: their weights are concatenated once and each layer's
+    parameters are re-pointed at views of the concatenation, so no memory is duplicated and
+    parameter names (and saved checkpoints) stay as they were. `current()` notices when the
+    layers got new weights (load_weights, quantize) and the fusion must be rebuilt.
+    """
+
+    def __init__(self, layers: list[nn.Module], keys: tuple[str, ...], quant: dict | None):
+        self.layers, self.keys, self.quant = layers, keys, quant
+        self.sizes = [layer["weight"].shape[0] for layer in layers]
+        fused_params = {k: mx.concatenate([layer[k] for layer in layers]) for k in keys}
+        mx.eval(fused_params)
+        self.params = fused_params
+        start = 0
+        for layer, size in zip(layers, self.sizes, strict=True):
+            for k in keys:
+                layer[k] = fused_params[k][start : start + size]
+            start += size
+        mx.eval([layer[k] for layer in layers for k in keys])
+        self.sources = [layer["weight"] for layer in layers]
+
+    @classmethod
+    def build(cls, layers: list[nn.Module]) -> FusedLinear | None:
+        first = layers[0]
+        if any("bias" in layer for layer in layers):
+            return None
+        if all(type(layer) is nn.QuantizedLinear for layer in layers):
+            quant = {"group_size": first.group_size, "bits": first.bits, "mode": first.mode}
+            if any(
+                (layer.group_size, layer.bits, layer.mode) != tuple(quant.values())
+                for layer in layers
+            ):
+                return None
+            keys = tuple(k for k in ("weight", "scales", "biases") if k in first)
+            if any(
+                tuple(k for k in ("weight", "scales", "biases") if k in layer) != keys
+                for layer in layers
+            ):
+                return None
+            return cls(layers, keys, quant)
+        if all(type(layer) is nn.Linear for layer in layers):
+            return cls(layers, ("weight",), None)
+        return None
+
+    def current(self) -> bool:
+        return all(
+            layer["weight"] is src for layer, src in zip(self.layers, self.sources, strict=True)
+        )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        p = self.params
+        if self.quant is None:
+            return x @ p["weight"].T
+        return mx.quantized_matmul(
+            x, p["weight"], p["scales"], p.get("biases"), transpose=True, **self.quant
+        )
+
+
+def fuse(owner: nn.Module, attr: str, layers: list[nn.Module]) -> FusedLinear | None:
+    """The (cached) FusedLinear of `layers`, kept on `owner` outside the parameter tree."""
+    current = owner.__dict__.get(attr)
+    if current is not None and current.current():
+        return current
+    fused_layer = FusedLinear.build(layers)
+    object.__setattr__(owner, attr, fused_layer)
+    return fused_layer
+
+
+def merge_heads(attn: mx.array) -> mx.array:
+    """(B, heads, L, head_dim) → (B, L, heads * head_dim); 3-D input passes through."""
+    if attn.ndim == 3:
+        return attn
+    B, _, L, _ = attn.shape
+    if L == 1:
+        return attn.reshape(B, 1, -1)  # same memory order: no transpose needed
+    return attn.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
+def residual_rms_norm(x: mx.array, delta: mx.array, norm: nn.RMSNorm):
+    """(x + delta, norm(x + delta)), one kernel where the backend has it."""
+    if fused.enabled() and fused.add_rms_norm_covered(x):
+        return fused.add_rms_norm(x, delta, norm.weight, norm.eps)
+    h = x + delta
+    return h, norm(h)
+
+
+def compile_enabled() -> bool:
+    return step_mode() != "0"
 
 
 class Attention(nn.Module):
@@ -33,18 +137,67 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.rope = RoPE(head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
         self.scale = head_dim**-0.5 * self.rope.attention_scale
+        self.head_dim = head_dim
+
+    def inv_freq(self) -> mx.array:
+        """RoPE inverse frequencies with the position scale folded in (for the fused kernel)."""
+        if "_inv_freq" not in self:
+            rope = self.rope
+            if rope._periods is not None:
+                inv = 1.0 / rope._periods
+            else:
+                exponents = mx.arange(0, self.head_dim, 2, dtype=mx.float32) / self.head_dim
+                inv = rope.scale * mx.power(rope.base, -exponents)
+            inv = inv.astype(mx.float32)
+            mx.eval(inv)
+            self._inv_freq = inv
+        return self._inv_freq
+
+    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
+        """x (B, L, D) → q, k, v as (B, heads, L, head_dim), normed and rotated."""
+        B, L, _ = x.shape
+        qkv = fuse(self, "_qkv", [self.q_proj, self.k_proj, self.v_proj])
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if fused.enabled() and fused.qk_norm_rope_covered(x, self.head_dim):
+            if not isinstance(offset, mx.array) or offset.dtype != mx.int32:
+                offset = mx.array(offset, dtype=mx.int32)
+            if qkv is not None:
+                y = qkv(x)
+                sources = ((y, 0), (y, nq), (y, nq + nkv))
+            else:
+                sources = ((self.q_proj(x), 0), (self.k_proj(x), 0), (self.v_proj(x), 0))
+            return fused.qk_norm_rope(
+                *sources,
+                (self.n_heads, self.n_kv_heads, self.head_dim, B),
+                self.q_norm.weight,
+                self.k_norm.weight,
+                self.inv_freq(),
+                offset.reshape(-1),
+                self.q_norm.eps,
+            )
+        if qkv is not None:
+            q, k, v = mx.split(qkv(x), [nq, nq + nkv], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return self.rope(q, offset), self.rope(k, offset), v
+
+    def attend(self, q, keys, values, mask: Any, cache: Any) -> mx.array:
+        """Attention over the cache's keys/values; (B, heads, L, hd) → (B, L, heads * hd)."""
+        out = scaled_dot_product_attention(
+            q, keys, values, cache=cache, scale=self.scale, mask=mask
+        )
+        B, _, L, _ = q.shape
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        q, k, v = self.project(x, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.o_proj(self.attend(q, k, v, mask, cache))
 
 
 class MLP(nn.Module):
@@ -54,8 +207,21 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(
+        self, x: mx.array, residual: mx.array | None = None, norm: nn.RMSNorm | None = None
+    ) -> mx.array:
+        """(residual +) the MLP of x, or of norm(x) when `norm` is given."""
+        if norm is not None:
+            x = norm(x)
+        if fused.enabled() and fused.mlp_covered(self, x):
+            return fused.dense_mlp(self, x, residual)
+        gate_up = fuse(self, "_gate_up", [self.gate_proj, self.up_proj])
+        if gate_up is not None:
+            gate, up = mx.split(gate_up(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        y = self.down_proj(nn.silu(gate) * up)
+        return y if residual is None else residual + y
 
 
 class DecoderLayer(nn.Module):
@@ -76,12 +242,131 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(args.hidden_size, args.intermediate_size)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        q, k, v = self.start(x, cache.offset if cache is not None else 0)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self.finish(self.self_attn.attend(q, k, v, mask, cache), x)
+
+    # A layer splits at its cache: start() → cache update + attention → finish(). The
+    # compiled decode step runs start/finish as compiled functions around the cache.
+    def start(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
+        """Residual stream x → q, k, v (B, heads, L, head_dim), normed and rotated."""
+        attn = self.self_attn
+        if fused.enabled():
+            qkv = fuse(attn, "_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
+            if fused.prologue_covered(qkv, x, attn.head_dim):
+                offset = offset if isinstance(offset, mx.array) else mx.array(offset, mx.int32)
+                return fused.attn_prologue(x, self.input_layernorm, qkv, attn, offset)
+        return attn.project(self.input_layernorm(x), offset)
+
+    def finish(self, attn: mx.array, x: mx.array) -> mx.array:
+        """Attention output ((B, heads, L, hd) or (B, L, heads * hd)) and residual x → output."""
+        o_proj = self.self_attn.o_proj
+        if fused.enabled() and fused.linear_residual_covered(o_proj, attn, x):
+            if attn.ndim == 4 and attn.shape[2] > 1:
+                attn = attn.transpose(0, 2, 1, 3)  # the kernel reads token rows
+            h = fused.linear_residual(o_proj, attn, x)
+            if type(self.mlp) in (SparseMoeBlock, MLP):  # they can fold the norm in
+                return self.mlp(h, residual=h, norm=self.post_attention_layernorm)
+            return self.mlp(self.post_attention_layernorm(h), residual=h)
+        h, normed = residual_rms_norm(x, o_proj(merge_heads(attn)), self.post_attention_layernorm)
+        return self.mlp(normed, residual=h)
+
+
+def _update_cache(cache: Any, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+    """cache.update_and_fetch(k, v) for one new position; a shorter path for plain caches
+    with room (same effect as mlx-lm's KVCache, fewer host-side indexing steps)."""
+    if type(cache) is KVCache and cache.keys is not None and cache.offset < cache.keys.shape[2]:
+        prev = cache.offset
+        cache.offset = prev + 1
+        cache.keys[:, :, prev : prev + 1, :] = k
+        cache.values[:, :, prev : prev + 1, :] = v
+        return cache.keys[:, :, : prev + 1, :], cache.values[:, :, : prev + 1, :]
+    return cache.update_and_fetch(k, v)
+
+
+def _offset_array(cache: Any) -> mx.array:
+    """The cache's position (int, or one per row for batched caches) as int32 for RoPE."""
+    offset = cache.offset
+    if isinstance(offset, mx.array):
+        return offset.astype(mx.int32)
+    return mx.array(offset, dtype=mx.int32)
+
+
+class CompiledDecode:
+    """A one-token decode step as one compiled function per layer boundary.
+
+    step[0] runs layer 0 up to its cache; step[i] (0 < i < n) finishes layer i-1 (o_proj,
+    residual, norm, feed-forward) and starts layer i (norm, qkv, q/k norm, RoPE); step[n]
+    finishes the last layer and applies the final norm. Only the cache update and the
+    attention itself run uncompiled between them, so any mlx-lm cache type works.
+    Weights are captured as constants: `Qwen3Model.update()` drops the compiled steps.
+    """
+
+    def __init__(self, body: Qwen3Model):
+        layers = body.layers
+        self.steps = [mx.compile(layers[0].start)]
+        for prev, nxt in zip(layers[:-1], layers[1:], strict=True):
+            self.steps.append(mx.compile(self._between(prev, nxt)))
+        last = layers[-1]
+        self.steps.append(mx.compile(lambda attn, h: body.norm(last.finish(attn, h))))
+        self.traced: set = set()
+
+    @staticmethod
+    def _between(prev: DecoderLayer, nxt: DecoderLayer):
+        def step(attn, h, offset):
+            h = prev.finish(attn, h)
+            return (h, *nxt.start(h, offset))
+
+        return step
+
+    def trace(self, body: Qwen3Model, h: mx.array, offset: mx.array) -> None:
+        """Trace every step for this input signature before a cache is touched.
+
+        Tracing is where an unsupported op would fail; doing it up front (on lazy
+        placeholders that are never evaluated) keeps a failure from leaving caches half-updated.
+        """
+        signature = (h.shape, h.dtype, offset.shape)
+        if signature in self.traced:
+            return
+        attn = body.layers[0].self_attn
+        placeholder = mx.zeros((h.shape[0], attn.n_heads, 1, attn.head_dim), h.dtype)
+        self.steps[0](h, offset)
+        for step in self.steps[1:-1]:
+            step(placeholder, h, offset)
+        self.steps[-1](placeholder, h)
+        self.traced.add(signature)
+
+    def __call__(self, body: Qwen3Model, h: mx.array, cache: list, offset: mx.array) -> mx.array:
+        mask = create_attention_mask(h, cache[0])
+        q, k, v = self.steps[0](h, offset)
+        last = len(body.layers) - 1
+        for i, (layer, layer_cache) in enumerate(zip(body.layers, cache, strict=True)):
+            keys, values = _update_cache(layer_cache, k, v)
+            attn = layer.self_attn.attend(q, keys, values, mask, layer_cache)
+            if i < last:
+                h, q, k, v = self.steps[i + 1](attn, h, offset)
+            else:
+                h = self.steps[-1](attn, h)
+        return h
+
+
+def step_mode() -> str:
+    """QWEN3_MLX_COMPILE: 1/auto/layer (one compiled function per layer boundary) or 0.
+
+    (The whole step as ONE compiled function, cache update and masked attention inside, was
+    measured slower on the H200: 121 vs 145 tok/s; see benchmarks/results/h200_notes.md.)
+    """
+    value = os.environ.get("QWEN3_MLX_COMPILE", "1").strip().lower()
+    if value not in ("0", "1", "auto", "layer"):
+        raise ConfigError(f"QWEN3_MLX_COMPILE={value!r}: expected 0, 1, auto or layer")
+    return value
 
 
 class Qwen3Model(nn.Module):
     """The transformer body: embeddings → layers → final norm (hidden states out)."""
+
+    compile_decode: bool | None = None  # None: follow QWEN3_MLX_COMPILE (default on)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -91,11 +376,62 @@ class Qwen3Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: list | None = None, input_embeddings=None):
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        if h.shape[1] == 1 and cache and all(c is not None for c in cache):
+            step = self._decode_step()
+            if step is not None:
+                offset = _offset_array(cache[0])
+                try:
+                    step.trace(self, h, offset)
+                except Exception as exc:  # an op the backend cannot compile: run uncompiled
+                    warnings.warn(f"compiled decode step unavailable: {exc}", stacklevel=2)
+                    object.__setattr__(self, "_compile_failed", True)
+                else:
+                    return step(self, h, cache, offset)
         cache = cache or [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)
         return self.norm(h)
+
+    def _decode_step(self) -> CompiledDecode | None:
+        wanted = self.compile_decode if self.compile_decode is not None else compile_enabled()
+        if not wanted or self.__dict__.get("_compile_failed"):
+            return None
+        return self._get_compiled("_compiled", CompiledDecode)
+
+    def _get_compiled(self, attr: str, kind):
+        """The cached compiled-step object `kind`, rebuilt when weights or switches change."""
+        # The traced steps bake in which kernels run: rebuild them when a switch changes.
+        key = (fused.enabled("moe"), fused.enabled(), mx.default_device())
+        cached = self.__dict__.get(attr)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        mx.eval(self.parameters())  # constants of the trace must be concrete arrays
+        if fused.enabled():
+            fused.prepare(self)
+        for layer in self.layers:  # fuse projections before tracing, not inside it
+            attn = layer.self_attn
+            fuse(attn, "_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
+            attn.inv_freq()
+            if attn.rope._periods is not None:
+                mx.eval(attn.rope._periods)
+            if isinstance(layer.mlp, MLP):
+                fuse(layer.mlp, "_gate_up", [layer.mlp.gate_proj, layer.mlp.up_proj])
+        step = kind(self)
+        object.__setattr__(self, attr, (key, step))
+        return step
+
+    def reset_compiled(self) -> None:
+        """Forget compiled decode steps (their weights are constants of the trace)."""
+        self.__dict__.pop("_compiled", None)
+
+    def update(self, parameters: dict, strict: bool = True) -> Qwen3Model:
+        self.reset_compiled()
+        return super().update(parameters, strict=strict)
+
+    def update_modules(self, modules: dict, strict: bool = True) -> Qwen3Model:
+        self.reset_compiled()
+        return super().update_modules(modules, strict=strict)
 
 
 class Model(nn.Module):
@@ -120,6 +456,14 @@ class Model(nn.Module):
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
+
+    def update(self, parameters: dict, strict: bool = True) -> Model:
+        self.model.reset_compiled()
+        return super().update(parameters, strict=strict)
+
+    def update_modules(self, modules: dict, strict: bool = True) -> Model:
+        self.model.reset_compiled()
+        return super().update_modules(modules, strict=strict)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map checkpoint tensor names onto this model's (HF per-expert → stacked experts)."""

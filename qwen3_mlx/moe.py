@@ -4,8 +4,10 @@ Parameter names follow mlx-lm's on-disk layout (`mlp.gate`, `mlp.switch_mlp.{gat
 with experts stacked on axis 0) so checkpoints move freely between the two projects.
 
 The reference path runs the experts with `mx.gather_qmm` (quantized) or `mx.gather_mm`.
-`Experts.__call__` is the seam where fused kernels (qwen3_mlx.kernels) take over when the
-backend, shape and quantization allow it.
+`Experts.__call__` and `SparseMoeBlock.route` are the seams where fused kernels
+(qwen3_mlx.kernels: one router launch, one gate+up+SwiGLU launch, one down+weighted-sum launch)
+take over when the backend, shape and quantization allow it; `kernels` on either module (None:
+the QWEN3_MLX_MOE_KERNELS switch) forces one path.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import kernels as fused
 
 # Sorting tokens by expert pays off once enough (token, expert) pairs share experts.
 SORT_THRESHOLD = 64
@@ -85,15 +89,29 @@ class QuantizedExpertLinear(nn.Module):
 class Experts(nn.Module):
     """All experts of one layer as three stacked projections with SwiGLU."""
 
+    kernels: str | bool | None = None  # None: follow QWEN3_MLX_MOE_KERNELS
+
     def __init__(self, dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
         self.gate_proj = ExpertLinear(dims, hidden_dims, num_experts)
         self.up_proj = ExpertLinear(dims, hidden_dims, num_experts)
         self.down_proj = ExpertLinear(hidden_dims, dims, num_experts)
 
-    def __call__(self, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
-        """x (..., D), indices/scores (..., k) → routing-weighted sum of expert outputs (..., D)."""
-        return self.reference(x, indices, scores)
+    def __call__(
+        self,
+        x: mx.array,
+        indices: mx.array,
+        scores: mx.array,
+        residual: mx.array | None = None,
+    ) -> mx.array:
+        """x (..., D), indices/scores (..., k) → routing-weighted sum of expert outputs (..., D).
+
+        With `residual`, returns residual + that sum (the fused kernel adds it in place).
+        """
+        if fused.enabled("moe", self.kernels) and fused.experts_covered(self, x, indices.shape[-1]):
+            return fused.moe_experts(self, x, indices, scores, residual)
+        y = self.reference(x, indices, scores)
+        return y if residual is None else residual + y
 
     def reference(self, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
         shape = indices.shape
@@ -117,6 +135,8 @@ class Experts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
+    kernels: str | bool | None = None  # None: follow QWEN3_MLX_MOE_KERNELS
+
     def __init__(
         self, dims: int, hidden_dims: int, num_experts: int, top_k: int, norm_topk_prob: bool
     ):
@@ -128,14 +148,47 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Softmax over all experts (in float32), keep the top-k, optionally renormalise."""
+        num_experts = self.gate.weight.shape[0]
+        if fused.enabled("moe", self.kernels) and fused.router_covered(
+            self.gate, x, num_experts, self.top_k
+        ):
+            indices, scores, _ = fused.moe_router(x, self.gate, self.top_k, self.norm_topk_prob)
+            return indices, scores
         probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
         k = self.top_k
-        indices = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+        # Integer indices carry no gradient (training and fine-tuning differentiate route()).
+        indices = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
         scores = mx.take_along_axis(probs, indices, axis=-1)
         if self.norm_topk_prob:
             scores = scores / scores.sum(axis=-1, keepdims=True)
         return indices, scores.astype(x.dtype)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(
+        self, x: mx.array, residual: mx.array | None = None, norm: nn.RMSNorm | None = None
+    ) -> mx.array:
+        """(residual +) the block's output for x, or for norm(x) when `norm` is given.
+
+        With `norm`, the fused kernels normalise x on the fly (router and gate+up) instead of
+        writing a normalised copy first.
+        """
+        if norm is not None:
+            if self._fused_ok(x):
+                indices, scores, inv_rms = fused.moe_router(
+                    x, self.gate, self.top_k, self.norm_topk_prob, norm=norm
+                )
+                return fused.moe_experts(
+                    self.switch_mlp, x, indices, scores, residual, norm=norm, inv_rms=inv_rms
+                )
+            x = norm(x)
         indices, scores = self.route(x)
-        return self.switch_mlp(x, indices, scores)
+        return self.switch_mlp(x, indices, scores, residual)
+
+    def _fused_ok(self, x: mx.array) -> bool:
+        num_experts = self.gate.weight.shape[0]
+        sw = self.switch_mlp
+        return (
+            fused.enabled("moe", self.kernels)
+            and fused.enabled("moe", sw.kernels)
+            and fused.router_covered(self.gate, x, num_experts, self.top_k)
+            and fused.experts_covered(sw, x, self.top_k)
+        )

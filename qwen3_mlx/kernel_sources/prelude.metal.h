@@ -1,0 +1,51 @@
+// Metal prelude: the small vocabulary the shared kernel bodies (*.inc) are written in.
+// prelude.cuda.h defines the same names for NVIDIA GPUs; keep the two in step.
+// Everything above the "body prefix" marker is the kernel header; the lines below it
+// are pasted at the top of every kernel body (thread and threadgroup indices; MLX adds
+// the Metal attributes they name to the kernel signature).
+
+#define DEVICE_FN inline
+#define THREAD thread
+#define SHARED threadgroup
+#define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define UNROLL _Pragma("unroll")
+#define LOAD_U4(ptr, i) (((const device uint4*)(ptr))[(i)])
+#define AS_FLOAT(u) as_type<float>(u)
+#define MAKE_FLOAT4(a, b, c, d) float4((a), (b), (c), (d))
+
+// Sum over the 32 lanes of a SIMD group; every lane gets the total.
+DEVICE_FN float warp_sum(float v) {
+  return simd_sum(v);
+}
+
+// Eight consecutive activations as floats; p is 16-byte aligned.
+DEVICE_FN void load8(const device bfloat16_t* p, thread float* o) {
+  const uint4 u = *((const device uint4*)p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+  UNROLL for (int i = 0; i < 4; i++) {
+    o[2 * i] = as_type<float>(w[i] << 16);
+    o[2 * i + 1] = as_type<float>(w[i] & 0xffff0000u);
+  }
+}
+
+DEVICE_FN void load8(const device half* p, thread float* o) {
+  UNROLL for (int i = 0; i < 8; i++) {
+    o[i] = float(p[i]);
+  }
+}
+
+DEVICE_FN void load8(const device float* p, thread float* o) {
+  const float4 a = ((const device float4*)p)[0];
+  const float4 b = ((const device float4*)p)[1];
+  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+  o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+
+// ---- body prefix ----
+const uint32_t tid = thread_index_in_threadgroup;
+const uint32_t lane = thread_index_in_simdgroup;
+const uint32_t warp = simdgroup_index_in_threadgroup;
+const uint32_t bid_x = threadgroup_position_in_grid.x;
+const uint32_t bid_y = threadgroup_position_in_grid.y;
+(void)bid_x;
+(void)bid_y;

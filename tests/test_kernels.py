@@ -1,0 +1,453 @@
+"""Fused kernels: dispatch, the reference path against float64, kernels against the reference.
+
+CPU part (CI): switches and fallback, shared kernel sources, the gather_qmm reference against a
+float64 numpy reference, compiled decode and fused projections against the plain model.
+GPU part (`-m gpu`, run on the H200 through MLX's CUDA backend; results committed under
+benchmarks/results/): every kernel against the reference within bf16 rounding for bits {4, 8},
+group sizes {32, 64, 128}, 1-32 tokens and several expert counts / top-k, and whole-model
+logits with kernels on vs off. Set QWEN3_MLX_KERNEL_REPORT=path to log the measured errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from qwen3_mlx import kernels
+from qwen3_mlx.errors import ConfigError
+from qwen3_mlx.moe import SparseMoeBlock
+
+gpu = pytest.mark.skipif(kernels.backend() is None, reason="needs MLX's Metal or CUDA backend")
+
+
+def report(test: str, **values) -> None:
+    path = os.environ.get("QWEN3_MLX_KERNEL_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, **values}) + "\n")
+
+
+def rel_err(out, ref) -> float:
+    if isinstance(out, mx.array):
+        out = np.array(out.astype(mx.float32))
+    out = np.asarray(out, dtype=np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def dequantize64(w, scales, biases, group_size: int, bits: int) -> np.ndarray:
+    """MLX affine weights → float64 (values packed lowest bits first)."""
+    w = np.array(w).astype(np.uint64)
+    per_word = 32 // bits
+    shifts = (np.arange(per_word, dtype=np.uint64) * bits)[None]
+    q = ((w[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*w.shape[:-1], -1)
+    s = np.array(scales.astype(mx.float32), dtype=np.float64).repeat(group_size, axis=-1)
+    b = np.array(biases.astype(mx.float32), dtype=np.float64).repeat(group_size, axis=-1)
+    return s * q + b
+
+
+def make_block(dims, hidden, num_experts, top_k, bits, group_size, dtype, seed=0):
+    mx.random.seed(seed)
+    block = SparseMoeBlock(dims, hidden, num_experts, top_k, norm_topk_prob=True)
+    block.gate.weight = block.gate.weight * 8  # spread the router's logits
+    nn.quantize(block, group_size, bits, class_predicate=lambda p, m: hasattr(m, "to_quantized"))
+    if dtype != mx.float32:
+        block.set_dtype(dtype)
+    mx.eval(block.parameters())
+    return block
+
+
+def _unflatten(params):
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten(list(params.items()))
+
+
+def experts64(block, x, indices, scores) -> np.ndarray:
+    """Float64 routing-weighted sum of SwiGLU experts (dequantizing only the routed ones)."""
+    sw = block.switch_mlp
+    x = np.array(x.astype(mx.float32), dtype=np.float64).reshape(-1, x.shape[-1])
+    idx = np.array(indices).reshape(x.shape[0], -1)
+    sc = np.array(scores.astype(mx.float32), dtype=np.float64).reshape(x.shape[0], -1)
+    weights = {}
+    for e in np.unique(idx):
+        e = int(e)
+        weights[e] = [
+            dequantize64(p.weight[e], p.scales[e], p.biases[e], p.group_size, p.bits)
+            for p in (sw.gate_proj, sw.up_proj, sw.down_proj)
+        ]
+    out = np.zeros((x.shape[0], weights[int(idx[0, 0])][2].shape[0]))
+    for t in range(x.shape[0]):
+        for j, e in enumerate(idx[t]):
+            gate, up, down = weights[int(e)]
+            g, u = gate @ x[t], up @ x[t]
+            out[t] += sc[t, j] * (down @ (g / (1 + np.exp(-g)) * u))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: switches, sources, reference path
+
+
+def test_switches(monkeypatch):
+    monkeypatch.setenv("QWEN3_MLX_KERNELS", "sometimes")
+    with pytest.raises(ConfigError, match="QWEN3_MLX_KERNELS"):
+        kernels.enabled()
+    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
+    assert not kernels.enabled() and not kernels.enabled("moe")
+    monkeypatch.setenv("QWEN3_MLX_MOE_KERNELS", "auto")
+    assert kernels.enabled("moe") == (kernels.backend() in kernels.VERIFIED_BACKENDS)
+    assert not kernels.enabled("moe", override=False)
+
+
+def test_cpu_falls_back_to_reference(monkeypatch):
+    block = make_block(64, 32, 8, 2, 4, 32, mx.float32)
+    x = mx.random.normal((2, 3, 64))
+    with mx.stream(mx.cpu):
+        assert kernels.backend() is None
+        monkeypatch.setenv("QWEN3_MLX_MOE_KERNELS", "auto")
+        auto = block(x)
+        indices, scores = block.route(x)
+        reference = block.switch_mlp.reference(x, indices, scores)
+        np.testing.assert_allclose(np.array(auto), np.array(reference), atol=1e-6)
+        monkeypatch.setenv("QWEN3_MLX_MOE_KERNELS", "1")
+    if kernels.backend() is None:
+        with pytest.raises(ConfigError, match="forced on"):
+            block(x)
+
+
+def test_sources_share_one_body_per_kernel():
+    import tomllib
+    from pathlib import Path
+
+    for name in kernels.SPECS:
+        metal_header, metal_body = kernels.kernel_source(name, "metal")
+        cuda_header, cuda_body = kernels.kernel_source(name, "cuda")
+        body = (kernels.SOURCE_DIR / f"{name}.inc").read_text()
+        assert metal_body.endswith(body) and cuda_body.endswith(body)
+        assert "threadIdx" in cuda_body and "thread_index_in_threadgroup" in metal_body
+        assert "uint " not in cuda_body + cuda_header  # CUDA has no Metal `uint`
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    data = pyproject["tool"]["setuptools"]["package-data"]["qwen3_mlx"]
+    assert any(pattern.startswith("kernel_sources/") for pattern in data)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("tokens", [1, 9])  # 9 tokens x top-8 = 72 pairs: the sorted path
+def test_reference_experts_match_float64(bits, group_size, tokens):
+    block = make_block(128, 128, 16, 8, bits, group_size, mx.float32, seed=bits + tokens)
+    x = mx.random.normal((tokens, 128))
+    with mx.stream(mx.cpu):
+        indices, scores = block.route(x)
+        out = block.switch_mlp.reference(x, indices, scores)
+    assert rel_err(out, experts64(block, x, indices, scores)) < 1e-5
+
+
+def tiny_model(dtype=mx.float32, bits=4, group_size=64, seed=0, dense=False):
+    from benchmarks.models import PRESETS, random_weights, skeleton
+
+    config = dict(PRESETS["tiny"], num_hidden_layers=2, vocab_size=512)
+    if dense:
+        config.update(model_type="qwen3", num_experts=0, intermediate_size=512)
+    model = skeleton("ours", config, bits, group_size)
+    model.update(_unflatten(random_weights(model, seed, dtype=dtype)))
+    model.eval()
+    return model, config
+
+
+def run_tokens(model, tokens: np.ndarray, steps: int) -> np.ndarray:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    prompt = len(tokens[0]) - steps
+    outs = [model(mx.array(tokens[:, :prompt]), cache)]
+    for i in range(prompt, prompt + steps):
+        outs.append(model(mx.array(tokens[:, i : i + 1]), cache))
+    return np.concatenate([np.array(o.astype(mx.float32)) for o in outs], axis=1)
+
+
+def test_compiled_decode_and_fused_projections_match_plain_model(monkeypatch):
+    model, _ = tiny_model()
+    names_before = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    q_before = np.array(model.layers[0].self_attn.q_proj.scales)
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 12))
+    monkeypatch.setenv("QWEN3_MLX_COMPILE", "layer")
+    compiled = run_tokens(model, tokens, steps=5)
+    assert model.model.__dict__.get("_compiled") is not None
+    monkeypatch.setenv("QWEN3_MLX_COMPILE", "0")
+    plain = run_tokens(model, tokens, steps=5)
+    np.testing.assert_allclose(compiled, plain, atol=1e-4, rtol=1e-4)
+    # Fusing kept names, shapes and values of the parameters.
+    assert {k: v.shape for k, v in tree_flatten(model.parameters())} == names_before
+    np.testing.assert_array_equal(np.array(model.layers[0].self_attn.q_proj.scales), q_before)
+    # New weights after a forward: the fused projections and compiled steps follow them.
+    from benchmarks.models import random_weights
+
+    model.update(_unflatten(random_weights(model, seed=1)))
+    monkeypatch.setenv("QWEN3_MLX_COMPILE", "layer")
+    compiled_new = run_tokens(model, tokens, steps=5)
+    monkeypatch.setenv("QWEN3_MLX_COMPILE", "0")
+    plain_new = run_tokens(model, tokens, steps=5)
+    np.testing.assert_allclose(compiled_new, plain_new, atol=1e-4, rtol=1e-4)
+    assert np.abs(plain_new - plain).max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: kernels against the reference
+
+EXPERT_CASES = [
+    # (dims, hidden, experts, top_k, tokens, bits, group_size)
+    *[(512, 256, 64, 8, t, b, g) for b in (4, 8) for g in (32, 64, 128) for t in (1, 7)],
+    (2048, 768, 128, 8, 1, 4, 64),  # Qwen3-30B-A3B
+    (2048, 768, 128, 8, 32, 4, 64),
+    (512, 256, 16, 4, 3, 8, 128),
+    (256, 128, 8, 2, 16, 4, 32),
+    (4096, 1536, 16, 8, 2, 4, 64),  # Qwen3-235B-A22B widths (16 of its 128 experts)
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(
+    "case", EXPERT_CASES, ids=lambda c: "d{}-h{}-e{}-k{}-t{}-b{}-g{}".format(*c)
+)
+def test_expert_kernels_match_reference(case, monkeypatch):
+    dims, hidden, num_experts, top_k, tokens, bits, group_size = case
+    block = make_block(dims, hidden, num_experts, top_k, bits, group_size, mx.bfloat16, seed=tokens)
+    x = mx.random.normal((tokens, dims)).astype(mx.bfloat16)
+    residual = mx.random.normal((tokens, dims)).astype(mx.bfloat16)
+    indices, scores = block.route(x)  # one routing for both paths
+    sw = block.switch_mlp
+    assert kernels.experts_covered(sw, x, top_k)
+    exact = experts64(block, x, indices, scores)
+    sw.kernels = "0"
+    reference = sw(x, indices, scores)
+    sw.kernels = "1"
+    out = sw(x, indices, scores)
+    out_res = sw(x, indices, scores, residual=residual)
+    err_kernel, err_ref = rel_err(out, exact), rel_err(reference, exact)
+    res64 = np.array(residual.astype(mx.float32), dtype=np.float64)
+    err_res = rel_err(out_res, exact + res64)
+    report("experts", case=case, kernel=err_kernel, reference=err_ref, with_residual=err_res)
+    assert np.isfinite(np.array(out.astype(mx.float32))).all()
+    assert err_kernel <= max(1.5 * err_ref, 4e-3)
+    assert err_res <= 8e-3
+
+
+ROUTER_CASES = [
+    *[(512, 64, 8, 3, b, g) for b in (4, 8) for g in (32, 64, 128)],
+    (2048, 128, 8, 1, 8, 64),  # Qwen3-30B-A3B's router
+    (2048, 128, 8, 32, 8, 64),
+    (4096, 128, 8, 2, 8, 64),  # Qwen3-235B-A22B's router
+    (256, 16, 4, 5, 4, 32),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "d{}-e{}-k{}-t{}-b{}-g{}".format(*c))
+def test_router_kernel_matches_reference(case, normalize):
+    dims, num_experts, top_k, tokens, bits, group_size = case
+    block = make_block(dims, 128, num_experts, top_k, bits, group_size, mx.bfloat16, seed=tokens)
+    block.norm_topk_prob = normalize
+    x = mx.random.normal((tokens, dims)).astype(mx.bfloat16)
+    block.kernels = "0"
+    ref_idx, ref_scores = block.route(x)
+    logits = np.array(block.gate(x).astype(mx.float32))
+    gate = block.gate
+    exact = (
+        np.array(x.astype(mx.float32), np.float64)
+        @ dequantize64(gate.weight, gate.scales, gate.biases, gate.group_size, gate.bits).T
+    )
+    block.kernels = "1"
+    idx, scores = block.route(x)
+    assert idx.dtype == mx.uint32 and idx.shape == (tokens, top_k)
+    ref_idx, idx = np.array(ref_idx), np.array(idx)
+    ref_scores = np.array(ref_scores.astype(mx.float32))
+    scores = np.array(scores.astype(mx.float32))
+    compared, worst = 0, 0.0
+    for t in range(tokens):
+        ordered = np.sort(exact[t])[::-1]
+        # Both paths round the logits to bf16 (~3 significant digits) after summing in a
+        # different order: near the cut either expert is a correct choice.
+        if ordered[top_k - 1] - ordered[top_k] < 2e-2 * max(1.0, abs(ordered[top_k - 1])):
+            continue
+        assert set(idx[t].tolist()) == set(ref_idx[t].tolist()), (t, idx[t], ref_idx[t])
+        assert np.all(np.diff(logits[t][idx[t]]) <= 1e-2 * np.abs(logits[t]).max()), logits[t][
+            idx[t]
+        ]
+        mine = dict(zip(idx[t], scores[t], strict=True))
+        for e, s in zip(ref_idx[t], ref_scores[t], strict=True):
+            worst = max(worst, abs(mine[e] - s) / s)
+        compared += 1
+    report("router", case=case, normalize=normalize, tokens_compared=compared, max_rel=worst)
+    assert compared >= tokens // 4  # a lone token may sit at a near-tie
+    assert worst < 2e-2  # the reference's scores are bf16
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("seq", [1, 5])
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("yarn", [False, True])
+def test_qk_norm_rope_kernel_matches_reference(seq, per_row, yarn):
+    from qwen3_mlx.config import ModelArgs
+    from qwen3_mlx.model import Attention
+
+    args = ModelArgs.from_dict(
+        dict(
+            model_type="qwen3", hidden_size=512, num_hidden_layers=1, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=128, vocab_size=64, intermediate_size=64,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                          "original_max_position_embeddings": 4096} if yarn else None,
+        )
+    )  # fmt: skip
+    attn = Attention(args)
+    nn.quantize(attn, 64, 4)
+    attn.set_dtype(mx.bfloat16)
+    attn.q_norm.weight = (1 + 0.1 * mx.random.normal((128,))).astype(mx.bfloat16)
+    mx.eval(attn.parameters())
+    batch = 3
+    x = mx.random.normal((batch, seq, 512)).astype(mx.bfloat16)
+    offset = mx.array([5, 900, 30000], dtype=mx.int32) if per_row else 1234
+    os.environ["QWEN3_MLX_KERNELS"] = "0"
+    try:
+        ref = attn.project(x, offset)
+    finally:
+        os.environ.pop("QWEN3_MLX_KERNELS")
+    out = attn.project(x, offset)
+    errs = [
+        rel_err(o, np.array(r.astype(mx.float32), dtype=np.float64))
+        for o, r in zip(out, ref, strict=True)
+    ]
+    report("qk_norm_rope", seq=seq, per_row=per_row, yarn=yarn, q=errs[0], k=errs[1], v=errs[2])
+    for o, r in zip(out, ref, strict=True):
+        assert o.shape == r.shape
+    assert errs[2] == 0.0 and max(errs[:2]) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dims", [256, 2048, 4096])
+def test_add_rms_norm_kernel_matches_reference(dims):
+    a = mx.random.normal((5, dims)).astype(mx.bfloat16)
+    b = mx.random.normal((5, dims)).astype(mx.bfloat16)
+    w = (1 + 0.1 * mx.random.normal((dims,))).astype(mx.bfloat16)
+    s, n = kernels.add_rms_norm(a, b, w, 1e-6)
+    ref_s = a + b
+    ref_n = mx.fast.rms_norm(ref_s, w, 1e-6)
+    assert mx.array_equal(s, ref_s).item()
+    err = rel_err(n, np.array(ref_n.astype(mx.float32), dtype=np.float64))
+    report("add_rms_norm", dims=dims, rel=err)
+    assert err < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dense", [False, True], ids=["moe", "dense"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_model_logits_kernels_on_vs_off(dtype, batch, dense, monkeypatch):
+    model, _ = tiny_model(dtype, dense=dense)
+    tokens = np.random.default_rng(batch).integers(0, 512, (batch, 20))
+    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
+    off = run_tokens(model, tokens, steps=8)
+    monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
+    on = run_tokens(model, tokens, steps=8)
+    err = rel_err(on, off.astype(np.float64))
+    agree = float((on.argmax(-1) == off.argmax(-1)).mean())
+    report("model_logits", dtype=str(dtype), batch=batch, dense=dense, rel=err, agree=agree)
+    if dtype == mx.float32:
+        assert err < 1e-4
+    else:
+        assert err < 5e-2 and agree > 0.9
+
+
+def _layer(bits: int, group_size: int, dims: int = 512, moe: bool = True, yarn: bool = False):
+    """One quantized bf16 decoder layer (8 q heads, 2 kv heads, head_dim 128)."""
+    from qwen3_mlx.config import ModelArgs
+    from qwen3_mlx.model import DecoderLayer
+
+    args = ModelArgs.from_dict(
+        dict(
+            model_type="qwen3_moe" if moe else "qwen3", hidden_size=dims, num_hidden_layers=1,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=128, vocab_size=64,
+            intermediate_size=512, moe_intermediate_size=256, num_experts=32,
+            num_experts_per_tok=4, norm_topk_prob=True,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                          "original_max_position_embeddings": 4096} if yarn else None,
+        )
+    )  # fmt: skip
+    layer = DecoderLayer(args, 0)
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        return {"group_size": 64, "bits": 8} if path.endswith("mlp.gate") else True
+
+    nn.quantize(layer, group_size, bits, class_predicate=predicate)
+    layer.set_dtype(mx.bfloat16)
+    for norm in (
+        layer.input_layernorm,
+        layer.post_attention_layernorm,
+        layer.self_attn.q_norm,
+        layer.self_attn.k_norm,
+    ):
+        norm.weight = (1 + 0.1 * mx.random.normal(norm.weight.shape)).astype(mx.bfloat16)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def _both(fn, monkeypatch):
+    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
+    ref = fn()
+    mx.eval(ref)
+    monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
+    out = fn()
+    mx.eval(out)
+    return out, ref
+
+
+LAYER_CASES = [(4, 64, 1, False), (8, 32, 3, True), (4, 128, 2, False), (8, 64, 1, True)]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "b{}-g{}-L{}-yarn{}".format(*c))
+@pytest.mark.parametrize("per_row", [False, True])
+def test_attention_prologue_matches_reference(case, per_row, monkeypatch):
+    bits, group_size, seq, yarn = case
+    layer = _layer(bits, group_size, yarn=yarn)
+    x = mx.random.normal((3, seq, 512)).astype(mx.bfloat16)
+    offset = mx.array([7, 700, 20000], mx.int32) if per_row else mx.array(321, mx.int32)
+    out, ref = _both(lambda: layer.start(x, offset), monkeypatch)
+    errs = [
+        rel_err(o, np.array(r.astype(mx.float32), np.float64))
+        for o, r in zip(out, ref, strict=True)
+    ]
+    report("attn_prologue", case=case, per_row=per_row, q=errs[0], k=errs[1], v=errs[2])
+    assert [o.shape for o in out] == [r.shape for r in ref]
+    assert max(errs) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "b{}-g{}-T{}-yarn{}".format(*c))
+@pytest.mark.parametrize("moe", [True, False], ids=["moe", "dense"])
+def test_layer_finish_matches_reference(case, moe, monkeypatch):
+    """o_proj + residual, then the (norm-folded) MoE block or dense MLP."""
+    bits, group_size, tokens, _ = case
+    layer = _layer(bits, group_size, moe=moe)
+    attn = mx.random.normal((1, tokens, 8 * 128)).astype(mx.bfloat16)
+    x = mx.random.normal((1, tokens, 512)).astype(mx.bfloat16)
+    out, ref = _both(lambda: layer.finish(attn, x), monkeypatch)
+    err = rel_err(out, np.array(ref.astype(mx.float32), np.float64))
+    report("layer_finish", case=case, moe=moe, rel=err)
+    assert out.shape == ref.shape and err < 1e-2
