@@ -83,3 +83,19 @@ def test_bad_schema_is_a_user_error(factory):
         factory.json(
             {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}, "response_format"
         )
+
+
+def test_a_constraint_rebuilt_from_its_spec_tracks_the_same_state(factory, qwen3_tokenizer):
+    """`--parallel` followers rebuild rank 0's constraints from `spec` (plain data) and feed them
+    rank 0's tokens without computing masks; they must fail or complete exactly as rank 0's."""
+    import pickle
+
+    original = factory.tool_calls([WEATHER], parallel=False, where="tool_choice")
+    copy = factory.rebuild(pickle.loads(pickle.dumps(original.spec)))
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"location": "Paris"}}\n</tool_call>'
+    for token in qwen3_tokenizer.encode(call):
+        assert original.allowed()[token]
+        assert original.consume(token) and copy.consume(token)
+    assert (copy.allowed() == original.allowed()).all() and copy.allowed()[151645]
+    bad = factory.rebuild(original.spec)
+    assert not bad.consume(qwen3_tokenizer.encode("Hello")[0]) and bad.failed

@@ -51,8 +51,8 @@ class Script:
         self.tokens = tok.encode(text) + [tok.im_end_id]
         self.prompt_length = len(tok.encode(render_chat(messages, tools)))
 
-    def __call__(self, model, tokens, cache, head):
-        logits = self.real_forward(model, tokens, cache, head)
+    def __call__(self, model, tokens, cache):
+        logits = self.real_forward(model, tokens, cache)
         if tokens.shape[1] != 1:
             return logits
         vocab = mx.arange(logits.shape[-1])

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from ..config import load_config
 from ..errors import DistributedError, WeightsError
 from ..hub import resolve_model_path
-from ..loading import apply_quantization, build_model, quantization_of
+from ..loading import apply_quantization, build_model, prepare_for_inference, quantization_of
 from ..model import Model
 from ..weights import INDEX_FILE, check_and_load, read_header, shard_files, shard_name, write_index
 from .job import init
@@ -221,6 +221,7 @@ def load(path_or_id: str | Path, parallel: str, group: Any = None, *, long_conte
 
     group = group if group is not None else init()
     model, _ = load_sharded(path_or_id, parallel, group, long_context=long_context)
+    prepare_for_inference(model)
     return model, load_tokenizer(model_directory(path_or_id, parallel, group))
 
 

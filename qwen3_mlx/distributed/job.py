@@ -150,8 +150,10 @@ class RankSync:
         """Rank 0's `obj` (any picklable value) on every rank; the others pass None. Blocking."""
         if self.size == 1:
             return obj
-        payload = pickle.dumps(obj) if self.rank == 0 else b""
+        payload = pickle.dumps(obj) if self.rank == 0 and obj is not None else b""
         n = mx.distributed.all_sum(mx.array([len(payload)], mx.int32), group=self.group).item()
+        if n == 0:  # None (a pickle is never empty): one collective, not two
+            return None
         if self.rank == 0:
             data = mx.array(np.frombuffer(payload, np.uint8))
         else:

@@ -1,10 +1,20 @@
-"""`python -m qwen3_mlx.server`: serve Qwen3 models the way LM Studio does (port 1234, /v1, /api/v0)."""
+"""`python -m qwen3_mlx.server`: serve Qwen3 models the way LM Studio does (port 1234, /v1, /api/v0).
+
+With `--parallel` under mlx.launch every rank loads its shard of the chat models; rank 0 serves
+HTTP and the others follow its engine in lockstep (see engine.py) until rank 0 stops: Ctrl-C (the
+terminal signals every rank; only rank 0 acts on it), SIGTERM to rank 0, or the launcher going
+away. An error on any rank ends the job on all of them (`distributed.session`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
+import stat
 import sys
+import threading
 
 from ..errors import Qwen3MLXError
 
@@ -67,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="prompt tokens processed between decode steps (default 512)",
     )
+    p.add_argument(
+        "--parallel",
+        choices=["tensor", "expert", "pipeline"],
+        help="under mlx.launch: split the chat models over the ranks; rank 0 serves "
+        "(see docs/distributed.md)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -85,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         ):
             if value is not None and value < 1:
                 raise Qwen3MLXError(f"{name} {value}: must be at least 1")
+        if args.parallel:
+            return serve_distributed(args)
         app = build_app(args)
     except Qwen3MLXError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -104,20 +122,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build_app(args: argparse.Namespace):
+def build_app(args: argparse.Namespace, leader: bool = True):
+    """The FastAPI app (its engine is `app.state.engine`). `--parallel` ranks other than 0 (not
+    `leader`) load only the chat models, and their app is never served."""
     from ..assets import resolve_model_argument
     from .app import Settings, create_app
     from .engine import Engine
-    from .models import ModelRegistry, load_served_model
+    from .models import ModelRegistry, is_embedding_model, load_served_model
 
     sources = [(m, None) for m in (args.model or [])] + [(m, True) for m in args.embedding]
     if not sources:
-        sources = [(resolve_model_argument(None), None)]
+        sources = [(resolve_model_argument(None, notice=leader), None)]
     models = []
     for source, embedding in sources:
-        print(f"loading {source} ...", file=sys.stderr, flush=True)
+        if args.parallel and embedding is None:
+            embedding = is_embedding_model(source, args.parallel)
+        if embedding and not leader:
+            continue  # embedding models stay whole, on rank 0
+        if leader:
+            print(f"loading {source} ...", file=sys.stderr, flush=True)
         models.append(
-            load_served_model(source, embedding=embedding, context_length=args.context_length)
+            load_served_model(
+                source,
+                embedding=embedding,
+                context_length=args.context_length,
+                parallel=None if embedding else args.parallel,
+            )
         )
     registry = ModelRegistry(models)
     engine = Engine(
@@ -134,6 +164,73 @@ def build_app(args: argparse.Namespace):
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
     )
     return create_app(registry, engine, settings)
+
+
+def serve_distributed(args: argparse.Namespace) -> int:
+    """Every rank of an mlx.launch job: rank 0 serves HTTP, the others follow its engine."""
+    import uvicorn
+
+    from .. import distributed
+
+    distributed.init()
+    with distributed.session():
+        leader = distributed.is_leader()
+        app = build_app(args, leader)
+        engine = app.state.engine
+        if not leader:
+            # Rank 0 decides when the job ends and tells the others (Ctrl-C reaches every rank).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            _when_launcher_gone(lambda: None)
+            engine.follow()
+            return 0
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=3,
+        )
+        server = uvicorn.Server(config)
+
+        def stop(*_):
+            server.should_exit = True
+
+        engine.on_fatal = stop
+        signal.signal(signal.SIGHUP, stop)
+        _when_launcher_gone(stop)
+        print(
+            f"qwen3-mlx server on http://{args.host}:{args.port}/v1 "
+            f"(models: {', '.join(m.id for m in app.state.registry)}; --parallel "
+            f"{args.parallel} over {distributed.init().size()} ranks)",
+            file=sys.stderr,
+            flush=True,
+        )
+        server.run()
+        if engine.fatal is not None:
+            raise engine.fatal
+        return 0
+
+
+def _when_launcher_gone(callback) -> None:
+    """mlx.launch holds every local rank's stdin open and its output pipes: when it is gone
+    (killed), stdin ends. Then nobody reads our output any more (it goes to /dev/null, so a
+    last log line can't fail), and `callback` runs (rank 0: a clean shutdown of the job)."""
+    if "MLX_RANK" not in os.environ or not stat.S_ISFIFO(os.fstat(0).st_mode):
+        return
+
+    def watch():
+        try:
+            while os.read(0, 1 << 16):
+                pass
+        except OSError:
+            pass
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        callback()
+
+    threading.Thread(target=watch, name="qwen3-mlx-launcher-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

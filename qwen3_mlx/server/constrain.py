@@ -88,15 +88,20 @@ class GrammarFactory:
         matcher = LLMatcher(self.ll_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise GenerationError(f"{where}: cannot be enforced ({matcher.get_error()[:300]})")
-        return Constraint(matcher, self._n_vocab)
+        return Constraint(matcher, self._n_vocab, (lark, where))
+
+    def rebuild(self, spec: tuple[str, str]) -> Constraint:
+        """A fresh constraint from another's `spec` (how `--parallel` followers get rank 0's)."""
+        return self._compile(*spec)
 
 
 class Constraint:
     """One sequence's grammar state: the mask for its next token, and the token it took."""
 
-    def __init__(self, matcher, n_vocab: int):
+    def __init__(self, matcher, n_vocab: int, spec: tuple[str, str] | None = None):
         self.matcher = matcher
         self.n_vocab = n_vocab
+        self.spec = spec  # (lark grammar, where): plain data that rebuilds this constraint
 
     def allowed(self) -> np.ndarray:
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)

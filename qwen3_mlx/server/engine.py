@@ -15,18 +15,25 @@ in a small prefix store so the next turn of the conversation prefills only its n
 
 Nothing else in the server touches MLX: HTTP handlers submit `GenerationRequest`s and read
 events from a `Channel`; embeddings and other model calls go through `Engine.call`.
-Seam for `--parallel`: `_admit` is the single place requests and cancellations enter the loop,
-so a distributed coordinator can broadcast them there and followers run the same steps.
+
+`--parallel` (under mlx.launch): every rank runs this same loop on its shard of the model, in
+lockstep. Rank 0 alone serves HTTP. `_admit` is the single place where anything from outside
+enters the loop: there rank 0 shares each turn's new requests (as plain data), cancellations and
+shutdown with the other ranks, which rebuild the requests and run the same steps; every sampled
+token is rank 0's (`share_tokens`). So every decision the loop takes is a function of shared data
+only: a cancellation takes effect in `_admit` (never when the client leaves), and the prefix
+store is sized by tokens, not by this rank's bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,53 +41,17 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from ..generate import Sequence, TokenLogprob
+from ..distributed.job import share_tokens
+from ..generate import Sequence, TokenLogprob, forward
 from ..sampling import BatchSampler, SamplingParams, apply_penalties, gather_logprobs, log_softmax
 from .constrain import Constraint
 from .models import LoadedModel
 
 log = logging.getLogger("qwen3_mlx.server")
 
-
-# -- the model seam ----------------------------------------------------------------------------
-
-# A dense copy of a quantized output head is made on the CPU backend up to this size.
-DENSE_HEAD_MAX_BYTES = 512 << 20
-
-
-def output_head(model) -> Callable[[mx.array], mx.array]:
-    """hidden (B, D) → logits (B, V), as the engine computes them.
-
-    Normally the model's own `logits`. On MLX's CPU backend a quantized matmul costs ~5-10x a dense
-    one and gains nothing from batching (measured: 4-bit 151,936 x 32 head, 74 ms at B=1 and
-    566 ms at B=8, vs 15 ms and 38 ms in bf16), and the output head is by far the widest matmul of
-    a step; so there a quantized head of modest size is dequantized once and used dense.
-    """
-    head = model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
-    if mx.default_device() != mx.cpu or not hasattr(head, "scales"):
-        return model.logits
-    dense = mx.dequantize(
-        head.weight,
-        head.scales,
-        head.get("biases"),
-        group_size=head.group_size,
-        bits=head.bits,
-        mode=head.mode,
-    )
-    if dense.size * 2 > DENSE_HEAD_MAX_BYTES:
-        return model.logits
-    dense = dense.astype(mx.bfloat16)
-    mx.eval(dense)
-    bias = head.get("bias") if "bias" in head else None
-    if bias is not None:
-        return lambda hidden: hidden @ dense.T + bias
-    return lambda hidden: hidden @ dense.T
-
-
-def forward(model, tokens: mx.array, cache: list, head: Callable[[mx.array], mx.array]) -> mx.array:
-    """The decode step's model call: last position's logits (B, V) in float32."""
-    hidden = model.model(tokens, cache)[:, -1, :]
-    return head(hidden).astype(mx.float32)
+# --parallel, nothing to do: rank 0 waits this long for a request before its turn's share, and the
+# other ranks sleep as long before joining it (MLX's ring backend spins while it waits).
+IDLE_TURN = 0.05
 
 
 class EngineBusy(Exception):
@@ -131,6 +102,13 @@ class Channel:
         return await self.queue.get()
 
 
+class Discard:
+    """The channel of a request a `--parallel` follower runs for rank 0: nobody reads it."""
+
+    def put(self, event) -> None:
+        pass
+
+
 @dataclass
 class GenerationRequest:
     model: LoadedModel
@@ -141,22 +119,74 @@ class GenerationRequest:
     constraint: Constraint | None = None
     # Where the prompt leaves the model: "thinking" | "answer" | "open" (template's wording).
     prompt_state: str = "open"
-    cancelled: bool = False
+    cancelled: bool = False  # set by the engine only, in `_admit` (every rank sees it there)
+    cancel_requested: bool = False  # the client left; the engine's next turn cancels
+    id: int = 0  # given by `Engine.submit`; names the request to `--parallel` followers
     submitted_at: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self.cancel_requested = True
+
+    def spec(self) -> dict[str, Any]:
+        """The request as plain data, from which a `--parallel` follower rebuilds it."""
+        seq = self.sequence
+        return {
+            "id": self.id,
+            "model": self.model.id,
+            "prompt": self.prompt,
+            "params": self.params,
+            "prompt_state": self.prompt_state,
+            "thinking_budget": seq.thinking_budget,
+            "parse_tools": seq.parser.parse_tools,
+            "max_tokens": seq.max_tokens,
+            "constraint": self.constraint.spec if self.constraint is not None else None,
+        }
+
+    @classmethod
+    def rebuild(cls, spec: dict[str, Any], model: LoadedModel) -> GenerationRequest:
+        from .prepare import grammar_factory
+
+        seq = Sequence(
+            model.tokenizer,
+            spec["prompt"],
+            spec["params"],
+            prompt_state=spec["prompt_state"],
+            thinking_budget=spec["thinking_budget"],
+            parse_tools=spec["parse_tools"],
+            vocab_size=model.model.args.vocab_size,
+        )
+        seq.max_tokens = spec["max_tokens"]
+        constraint = None
+        if spec["constraint"] is not None:
+            constraint = grammar_factory(model).rebuild(spec["constraint"])
+        return cls(
+            model,
+            spec["prompt"],
+            seq,
+            spec["params"],
+            Discard(),
+            constraint,
+            spec["prompt_state"],
+            id=spec["id"],
+        )
 
 
 # -- prefix store ------------------------------------------------------------------------------
 
 
 class PrefixStore:
-    """KV caches of recent sequences, keyed by the tokens they hold (least recently used out)."""
+    """KV caches of recent sequences, keyed by the tokens they hold (least recently used out).
 
-    def __init__(self, max_entries: int = 16, max_bytes: int = 2 << 30):
+    `token_bytes`: count each entry as its tokens x this instead of its arrays' bytes, which differ
+    from rank to rank under `--parallel` (eviction must be the same decision everywhere).
+    """
+
+    def __init__(
+        self, max_entries: int = 16, max_bytes: int = 2 << 30, token_bytes: int | None = None
+    ):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.token_bytes = token_bytes
         self.entries: list[tuple[list[int], list[KVCache]]] = []
 
     def lookup(self, prompt: list[int]) -> tuple[int, list[KVCache] | None]:
@@ -188,7 +218,17 @@ class PrefixStore:
 
     @property
     def nbytes(self) -> int:
+        if self.token_bytes is not None:
+            return sum(len(tokens) for tokens, _ in self.entries) * self.token_bytes
         return sum(c.nbytes for _, layers in self.entries for c in layers)
+
+
+def kv_bytes_per_token(model) -> int:
+    """KV cache bytes per token of the whole model (every layer, every KV head), whatever part of
+    it this process holds: the same number on every rank."""
+    args = model.args
+    dtype = next(layer for layer in model.layers if layer is not None).input_layernorm.weight.dtype
+    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * dtype.size
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -259,7 +299,6 @@ class _Batch:
         self.rows: list[_Row] = []
         self.cache: list[BatchKVCache] | None = None
         self.sampler: BatchSampler | None = None
-        self.head = output_head(loaded.model)
 
     def add(self, row: _Row) -> None:
         incoming = [BatchKVCache.merge([c]) for c in row.cache]
@@ -308,16 +347,36 @@ class Engine:
         self._waiting: list[GenerationRequest] = []  # admitted order, not yet prefilling
         self._prefilling: list[_Row] = []
         self._batches = {m.id: _Batch(m) for m in models if m.kind == "llm"}
+        # --parallel: the ranks' lockstep (None on one process: no collectives at all).
+        self._sync = next(
+            (
+                m.model.distributed.sync
+                for m in models
+                if getattr(m.model, "distributed", None) is not None
+                and m.model.distributed.size > 1
+            ),
+            None,
+        )
+        self.leader = self._sync is None or self._sync.is_leader
         self._prefixes = {
-            m.id: PrefixStore(prefix_cache_entries, prefix_cache_bytes) for m in models
+            m.id: PrefixStore(
+                prefix_cache_entries,
+                prefix_cache_bytes,
+                kv_bytes_per_token(m.model) if self._sync is not None else None,
+            )
+            for m in models
         }
+        self._ids = itertools.count(1)
         self._queued = 0  # submitted, not yet active (guarded by _lock)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="qwen3-mlx-engine", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="qwen3-mlx-engine", daemon=True)
         self.steps = 0
         self.cancelled = 0  # requests whose client left before they finished
         self.last_error: str | None = None
+        # --parallel: the error that ended the job (rank 0), and who to tell (stops the server).
+        self.fatal: BaseException | None = None
+        self.on_fatal: Callable[[], None] | None = None
 
     # -- called from the HTTP side ------------------------------------------------------------
 
@@ -341,6 +400,7 @@ class Engine:
                     f"{self.max_queue}) and {self.max_concurrency} in flight; retry shortly"
                 )
             self._queued += 1
+            request.id = next(self._ids)
         self._inbox.put(request)
 
     def wake(self) -> None:
@@ -363,14 +423,31 @@ class Engine:
             "cancelled": self.cancelled,
         }
 
+    def follow(self) -> None:
+        """`--parallel`, ranks other than 0: run the loop in this thread until rank 0 stops it."""
+        self._run()
+
     # -- the loop ------------------------------------------------------------------------------
 
+    def _serve(self) -> None:
+        if self._sync is None:
+            return self._run()
+        try:
+            self._run()
+        except BaseException as e:  # --parallel only: the job is over (see _run)
+            log.error("the distributed job failed: %s: %s", type(e).__name__, e)
+            self.fatal = e
+            self._fail_all(f"the distributed job failed: {type(e).__name__}: {e}")
+            if self.on_fatal is not None:
+                self.on_fatal()
+
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while True:
             idle = not (self._prefilling or self._waiting or self._running())
             if idle:
                 mx.clear_cache()  # give freed KV buffers back while nothing runs
-            self._admit(block=idle)
+            if not self._admit(block=idle):
+                return
             self._run_calls()
             try:
                 self._prefill_chunk()
@@ -378,6 +455,10 @@ class Engine:
                     if batch.rows:
                         self._decode_step(batch)
             except Exception as e:  # a bug, not a user error: fail what is in flight, go on
+                if self._sync is not None:
+                    # The ranks run in lockstep: a step that failed on this rank can't be patched
+                    # up here alone (and a lost rank's "[ring]" error is for the watchdog to name).
+                    raise
                 log.exception("engine step failed")
                 self.last_error = f"{type(e).__name__}: {e}"
                 self._fail_all(f"internal error in the engine: {self.last_error}")
@@ -385,16 +466,55 @@ class Engine:
     def _running(self) -> bool:
         return any(b.rows for b in self._batches.values())
 
-    def _admit(self, block: bool) -> None:
-        """Take new requests and wake-ups from the inbox; drop cancelled requests."""
+    def _in_flight(self) -> Iterator[GenerationRequest]:
+        yield from self._waiting
+        yield from (row.request for row in self._prefilling)
+        for batch in self._batches.values():
+            yield from (row.request for row in batch.rows)
+
+    def _take_inbox(self, timeout: float | None) -> list[GenerationRequest]:
+        """New requests (wake-ups are None), waiting up to `timeout` for the first item."""
+        arrived = []
         try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
             while True:
                 if item is not None:
-                    self._waiting.append(item)
+                    arrived.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
+        return arrived
+
+    def _admit(self, block: bool) -> bool:
+        """Take new requests, cancellations and the stop signal; False when the loop must end.
+
+        Under `--parallel` rank 0 shares them with the other ranks here, once per turn."""
+        if self.leader:
+            if self._sync is None and self._stop.is_set():
+                return False
+            wait = (0.5 if self._sync is None else IDLE_TURN) if block else None
+            arrived = self._take_inbox(wait)
+            self._waiting.extend(arrived)
+            cancels = [r for r in self._in_flight() if r.cancel_requested and not r.cancelled]
+            stop = self._stop.is_set()
+            if self._sync is not None:
+                news = {"new": [r.spec() for r in arrived], "cancel": [r.id for r in cancels]}
+                self._sync.share({**news, "stop": stop} if arrived or cancels or stop else None)
+        else:
+            if block:
+                time.sleep(IDLE_TURN)  # as long as rank 0 waits: neither spins in the collective
+            turn = self._sync.share(None) or {"new": [], "cancel": [], "stop": False}
+            for spec in turn["new"]:
+                self._waiting.append(GenerationRequest.rebuild(spec, self._llm(spec["model"])))
+                with self._lock:
+                    self._queued += 1
+            ids = set(turn["cancel"])
+            cancels = [r for r in self._in_flight() if r.id in ids]
+            stop = turn["stop"]
+        for request in cancels:
+            request.cancelled = True
+        if stop and self._sync is not None:
+            return False
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
             self._dequeued()
@@ -405,6 +525,10 @@ class Engine:
             self._dequeued()
             self._prefilling.append(self._start_prefill(request))
             in_flight += 1
+        return True
+
+    def _llm(self, model_id: str) -> LoadedModel:
+        return self._batches[model_id].loaded
 
     def _dequeued(self) -> None:
         with self._lock:
@@ -477,9 +601,10 @@ class Engine:
             if r.fed_count:  # the first input is the prompt's last token, not a generated one
                 r.sequence.observe(mx.array([r.next_input]))
         inputs = mx.array([[r.next_input] for r in rows])
-        logits = forward(batch.loaded.model, inputs, batch.cache, batch.head)
+        logits = forward(batch.loaded.model, inputs, batch.cache)
         logits = apply_penalties(logits, [s.penalties for s in sequences])
-        if any(r.constrained for r in rows):
+        # Grammar masks shape rank 0's sampling only (the others take its tokens).
+        if self.leader and any(r.constrained for r in rows):
             logits = mx.concatenate(
                 [
                     r.mask(logits[i : i + 1]) if r.constrained else logits[i : i + 1]
@@ -495,6 +620,7 @@ class Engine:
             batch.sampler = BatchSampler([s.params for s in sequences])
         keys = None if batch.sampler.all_greedy else mx.stack([s.rng.next_key() for s in sequences])
         tokens = batch.sampler(scores, keys)
+        tokens = share_tokens(batch.loaded.model, tokens)  # --parallel: rank 0's tokens
         gathered = gather_logprobs(scores, tokens, top_n) if top_n >= 0 else None
         mx.eval(tokens, gathered)
         self.steps += 1

@@ -18,7 +18,7 @@ import mlx.core as mx
 from ..config import load_config
 from ..errors import ConfigError
 from ..hub import resolve_model_path
-from ..loading import apply_quantization, build_model, quantization_of
+from ..loading import apply_quantization, build_model, prepare_for_inference, quantization_of
 from ..model import Model
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..weights import check_and_load, iter_shards
@@ -118,18 +118,43 @@ def _load_weights(model_dir: Path, config: dict[str, Any], embedding: bool) -> M
     return model
 
 
+def served_model_directory(path_or_id: str, parallel: str | None = None) -> Path:
+    """Where config, tokenizer and weights are read (under --parallel: this rank's folder of a
+    pre-split checkpoint)."""
+    if parallel:
+        from .. import distributed
+
+        return distributed.model_directory(path_or_id, parallel)
+    return resolve_model_path(path_or_id)
+
+
+def is_embedding_model(path_or_id: str, parallel: str | None = None) -> bool:
+    model_dir = served_model_directory(path_or_id, parallel)
+    return is_embedding_checkpoint(model_dir, load_config(model_dir))
+
+
 def load_served_model(
     path_or_id: str,
     *,
     embedding: bool | None = None,
     context_length: int | None = None,
     model_id: str | None = None,
+    parallel: str | None = None,
 ) -> LoadedModel:
-    model_dir = resolve_model_path(path_or_id)
+    """`parallel`: under mlx.launch, load this rank's shard of a chat model (embedding models
+    are never split: pass None for them)."""
+    model_dir = served_model_directory(path_or_id, parallel)
     config = load_config(model_dir)
     if embedding is None:
         embedding = is_embedding_checkpoint(model_dir, config)
-    model = _load_weights(model_dir, config, embedding)
+    if parallel and not embedding:
+        from .. import distributed
+
+        model = distributed.load_sharded(path_or_id, parallel)[0]
+    else:
+        model = _load_weights(model_dir, config, embedding)
+    if not embedding:
+        prepare_for_inference(model)
     tokenizer = load_tokenizer(model_dir)
     native = context_length_of(config)
     if context_length is not None and context_length < 1:
