@@ -12,6 +12,7 @@ Modules are imported only when their subcommand runs, so `qwen3-mlx --help` is i
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (modules to try, in order, for a main(argv) function; one-line help)
@@ -26,7 +27,8 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
         ("qwen3_mlx.server.__main__", "qwen3_mlx.server"),
         "run the LM Studio-compatible server",
     ),
-    "bench": (("qwen3_mlx.bench", "benchmarks.__main__", "benchmarks.run"), "run the benchmarks"),
+    # benchmarks/ lives beside the package in a source checkout (it is not installed).
+    "bench": (("benchmarks.decode",), "decode/prefill speed next to mlx-lm (from a checkout)"),
 }
 
 
@@ -39,6 +41,8 @@ def usage() -> str:
 
 def find_main(command: str):
     """The `main` function behind `command`, or None when no module provides it."""
+    if command == "bench" and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # benchmarks/ is importable from the checkout's root
     for name in COMMANDS[command][0]:
         try:
             module = importlib.import_module(name)
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     result = entry(rest)
-    return int(result or 0)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":
