@@ -21,6 +21,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(server, timeout: float, what: str, on_poll=lambda: None) -> None:
+    """Poll `server.base`/health until it answers 200; fail (after `server.stop()`) with the log
+    if `server.proc` exits or `timeout` passes. `on_poll` runs once per poll."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {server.proc.returncode}:\n{server.output()}")
+        on_poll()
+        try:
+            if httpx.get(server.base + "/health", timeout=1).status_code == 200:
+                on_poll()
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    server.stop()
+    raise RuntimeError(f"{what} did not come up in {timeout:.0f}s:\n{server.output()}")
+
+
 class ServerProcess:
     def __init__(self, args: list[str], *, api_key: str | None = None, timeout: float = 180.0):
         self.port = free_port()
@@ -39,18 +58,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             command, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"server did not come up in {timeout}s:\n{self.output()}")
+        wait_until_healthy(self, timeout, "server")
 
     @property
     def v1(self) -> str:

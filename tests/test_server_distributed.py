@@ -24,7 +24,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.server_process import free_port
+from tests.server_process import free_port, wait_until_healthy
 from tests.test_distributed import env, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,22 +73,10 @@ class LaunchedServer:
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.ranks: list[int] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"mlx.launch exited with {self.proc.returncode}:\n{self.output()}"
-                )
-            self.ranks = sorted(set(self.ranks) | set(children(self.proc.pid)))
-            try:
-                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
-                    self.ranks = sorted(set(self.ranks) | set(children(self.proc.pid)))
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"the job did not come up in {timeout:.0f}s:\n{self.output()}")
+        wait_until_healthy(self, timeout, "mlx.launch", on_poll=self._track_ranks)
+
+    def _track_ranks(self) -> None:
+        self.ranks = sorted(set(self.ranks) | set(children(self.proc.pid)))
 
     @property
     def v1(self) -> str:
