@@ -13,7 +13,8 @@ prompt length instead of a real batched prefill (decode speed depends only on th
 length); prefill speed is measured at batch 1.
 
 Variants of this project: `ours` (defaults), `ours:kernels=0` (reference ops),
-`ours:compile=0` (uncompiled decode step), combinable as `ours:kernels=0:compile=0`.
+`ours:compile=0` (uncompiled decode step), `ours:router=0` (reference routing, expert kernels
+on), combinable as `ours:kernels=0:compile=0`.
 Writes <out>.json and <out>.png (with the command line and MLX version).
 """
 
@@ -39,12 +40,16 @@ RESULTS = Path(__file__).with_name("results")
 
 def set_variant(variant: str) -> None:
     """Apply `ours:kernels=0:compile=0`-style switches through the environment."""
-    os.environ.pop("QWEN3_MLX_KERNELS", None)
-    os.environ.pop("QWEN3_MLX_COMPILE", None)
-    # ours:compile=layer -> one compiled function per layer instead of one per step
+    switches = {
+        "kernels": "QWEN3_MLX_KERNELS",
+        "compile": "QWEN3_MLX_COMPILE",
+        "router": "QWEN3_MLX_ROUTER_KERNEL",
+    }
+    for name in switches.values():
+        os.environ.pop(name, None)
     for option in variant.split(":")[1:]:
         key, _, value = option.partition("=")
-        os.environ[{"kernels": "QWEN3_MLX_KERNELS", "compile": "QWEN3_MLX_COMPILE"}[key]] = value
+        os.environ[switches[key]] = value
 
 
 def greedy(logits: mx.array) -> mx.array:

@@ -185,9 +185,19 @@ def main(argv=None):
         idx, sc = block.route(x)
         mx.eval(idx, sc)
         sw = block.switch_mlp
-        record(
-            "prefill moe T=2048 reference (sorted gather_qmm)", timed(lambda: sw(x, idx, sc), 3), 1
-        )
+        for n in (64, 512, 2048):
+            xn, idn, scn = x[:, :n], idx[:, :n], sc[:, :n]
+            record(
+                f"prefill moe T={n} per-pair (sorted gather_qmm, mlx-lm's way)",
+                timed(lambda xn=xn, idn=idn, scn=scn: sw.per_pair(xn, idn, scn), 3),
+                1,
+            )
+            for rows in (16, 32, 64):
+                record(
+                    f"prefill moe T={n} blocked rows={rows}",
+                    timed(lambda xn=xn, idn=idn, scn=scn, r=rows: sw.blocked(xn, idn, scn, r), 3),
+                    1,
+                )
         dense = {
             n: mx.dequantize(p.weight, p.scales, p.biases, p.group_size, p.bits)
             for n, p in (("g", sw.gate_proj), ("u", sw.up_proj), ("d", sw.down_proj))

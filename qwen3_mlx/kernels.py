@@ -10,7 +10,7 @@ take the reference ops (`gather_qmm`, `mx.fast.rms_norm`/`rope`) in moe.py and m
 Switches (environment, read at call time; "auto" is the default):
   QWEN3_MLX_KERNELS=0|1|auto       all fused kernels
   QWEN3_MLX_MOE_KERNELS=0|1|auto   the MoE kernels (router, gate+up, down); overrides the above
-  QWEN3_MLX_ROUTER_KERNEL=0|1      the fused router, off unless set to 1 (not yet verified)
+  QWEN3_MLX_ROUTER_KERNEL=0        route on the reference ops, the other kernels still fused
 "0" forces the reference ops, "1" demands the kernels (an error on a backend without them),
 "auto" uses them wherever the shape is covered on a backend where they have been verified:
 CUDA (checked on an H200). The Metal build follows the same bodies but has not yet been
@@ -43,6 +43,7 @@ SPECS: dict[str, tuple[list[str], list[str]]] = {
         ["q_out", "k_out", "v_out"],
     ),
     "add_rms_norm": (["a", "b", "weight", "eps"], ["s", "n"]),
+    "linear": (["x", "w", "s", "b", "res"], ["y"]),
     "attn_prologue": (
         [
             "x", "norm_w", "w", "scales", "biases", "q_weight", "k_weight", "inv_freq",
@@ -58,15 +59,19 @@ VERIFIED_BACKENDS = ("cuda",)
 # Coverage of the MoE kernels.
 MOE_BITS = (4, 8)
 MOE_GROUP_SIZES = (32, 64, 128)
-MAX_DECODE_TOKENS = 32  # gate+up groups (token, expert) pairs in threadgroup memory
+MAX_DECODE_TOKENS = 32  # tokens a decode kernel takes (gate+up lists pairs in threadgroup memory)
 FLOAT_TYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 # Launch shapes (warps per threadgroup, output rows per warp).
 GATE_UP_WARPS, GATE_UP_ROWS = 4, 2
+GATE_UP_PAIRS = 4  # pairs of one expert sharing each weight load
 DOWN_WARPS, DOWN_ROWS = 4, 2
+LINEAR_WARPS, LINEAR_ROWS, LINEAR_TOKENS = 4, 2, 8  # tokens sharing one pass over the weights
 ROPE_THREADS = 128
 PROLOGUE_THREADS = 1024
 MAX_LOADS_IN_FLIGHT = 32  # packed words per lane the prologue keeps in flight
+PROLOGUE_STAGE_BYTES = 24576  # staged, normalised activations (Metal allows 32 KB in all)
+PROLOGUE_MAX_ACC = 4  # accumulators per lane (rows x tokens): 1024 threads leave 64 registers
 
 
 def backend() -> str | None:
@@ -165,10 +170,9 @@ def _router_threads(num_experts: int) -> int:
 
 
 def router_kernel_enabled() -> bool:
-    """The fused router is opt-in (QWEN3_MLX_ROUTER_KERNEL=1): its H200 unit tests did not pass
-    (cause not established, see benchmarks/results/h200_notes.md), so by default routing runs on
-    the reference ops while the verified expert kernels still run."""
-    return _switch("QWEN3_MLX_ROUTER_KERNEL") == "1"
+    """QWEN3_MLX_ROUTER_KERNEL=0 keeps routing on the reference ops while the expert kernels
+    run (to tell the two apart when a result looks wrong); otherwise the MoE switch decides."""
+    return _switch("QWEN3_MLX_ROUTER_KERNEL") != "0"
 
 
 def router_covered(gate, x: mx.array, num_experts: int, top_k: int) -> bool:
@@ -290,7 +294,6 @@ def gate_up(x, indices, gate_params, up_params, group_size, bits, norm=None, inv
     tokens = x.size // dims
     pairs = tokens * top_k
     single = tokens == 1
-    slots = pairs if single else min(pairs, num_experts)
     norm_w, placeholder = _norm_inputs(norm, x.dtype)
     inv = inv_rms if inv_rms is not None else placeholder
     (h,) = _run(
@@ -308,10 +311,11 @@ def gate_up(x, indices, gate_params, up_params, group_size, bits, norm=None, inv
             ("P", pairs),
             ("NW", GATE_UP_WARPS),
             ("RPW", GATE_UP_ROWS),
+            ("PG", 1 if single else min(GATE_UP_PAIRS, pairs)),
             ("SINGLE_TOKEN", single),
             ("NORM_IN", norm is not None),
         ],
-        grid=(hidden // (GATE_UP_WARPS * GATE_UP_ROWS) * GATE_UP_WARPS * 32, slots, 1),
+        grid=(hidden // (GATE_UP_WARPS * GATE_UP_ROWS) * GATE_UP_WARPS * 32, pairs, 1),
         threadgroup=(GATE_UP_WARPS * 32, 1, 1),
         output_shapes=[(pairs, hidden)],
         output_dtypes=[x.dtype],
@@ -400,40 +404,100 @@ def prepare(model) -> None:
         _dummies(dtype)
     _routing_to_one()
     for layer in model.layers:
-        layers = [layer.self_attn.o_proj]
+        layers = []
         mlp = layer.mlp
-        if all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
+        if all(hasattr(mlp, name) for name in ("gate_proj", "up_proj")):
             if not hasattr(mlp, "switch_mlp"):
-                layers += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        for linear in layers:
-            if affine_params(linear) is not None:
-                OneExpert.of(linear)
+                layers += [mlp.gate_proj, mlp.up_proj]
+        for projection in layers:
+            if affine_params(projection) is not None:
+                OneExpert.of(projection)
+
+
+def linear(x: mx.array, params, out_shape, residual: mx.array | None = None) -> mx.array:
+    """(residual +) x W^T for affine-quantized (w, scales, biases, group_size, bits), one launch.
+
+    x may be any contiguous array of `tokens` rows of the layer's input (for example the
+    attention output still in (B, heads, 1, head_dim) layout); the result has `out_shape`.
+    Up to LINEAR_TOKENS tokens share each read of the weights.
+    """
+    w, scales, biases, group_size, bits = params
+    out_dims, in_dims = w.shape[0], w.shape[1] * 32 // bits
+    tokens = x.size // in_dims
+    per_group = min(tokens, LINEAR_TOKENS)
+    has_res = residual is not None
+    (y,) = _run(
+        "linear",
+        inputs=[x, w, scales, biases, residual if has_res else _dummies(x.dtype)[0]],
+        template=[
+            ("T", x.dtype),
+            ("S", scales.dtype),
+            ("K", in_dims),
+            ("N", out_dims),
+            ("M", tokens),
+            ("GS", group_size),
+            ("BITS", bits),
+            ("MT", per_group),
+            ("NW", LINEAR_WARPS),
+            ("RPW", LINEAR_ROWS),
+            ("HAS_RES", has_res),
+        ],
+        grid=(
+            out_dims // (LINEAR_WARPS * LINEAR_ROWS) * LINEAR_WARPS * 32,
+            -(-tokens // per_group),
+            1,
+        ),
+        threadgroup=(LINEAR_WARPS * 32, 1, 1),
+        output_shapes=[tuple(out_shape)],
+        output_dtypes=[x.dtype],
+    )
+    return y
+
+
+def _linear_ok(layer, x: mx.array) -> bool:
+    params = affine_params(layer)
+    if params is None:
+        return False
+    out_dims, in_dims = layer["weight"].shape[0], layer["weight"].shape[-1] * 32 // layer.bits
+    return (
+        _quant_ok(params, in_dims)
+        and x.dtype in FLOAT_TYPES
+        and x.size % in_dims == 0
+        and out_dims % (LINEAR_WARPS * LINEAR_ROWS) == 0
+        and x.size // in_dims <= MAX_DECODE_TOKENS
+    )
 
 
 def linear_residual(layer, x: mx.array, residual: mx.array) -> mx.array:
-    """residual + layer(x) for an affine-quantized, bias-free linear layer, one launch.
-
-    x may be any contiguous array holding `tokens` rows of the layer's input (for example
-    the attention output still in (B, heads, 1, head_dim) layout).
-    """
-    one = OneExpert.of(layer)
-    idx, ones = _routing_to_one()
-    return down(x, idx, ones, (*one.params, one.group_size, one.bits), residual.shape, residual)
+    """residual + layer(x) for an affine-quantized, bias-free linear layer, one launch."""
+    return linear(x, affine_params(layer), residual.shape, residual)
 
 
 def linear_residual_covered(layer, x: mx.array, residual: mx.array) -> bool:
     # Exactly QuantizedLinear: a sharded layer (mx.distributed) must keep its own all-reduce.
-    if type(layer) is not nn.QuantizedLinear:
-        return False
-    params = affine_params(layer)
-    out_dims = layer["weight"].shape[0]
     return (
-        _quant_ok(params, layer["weight"].shape[-1] * 32 // layer.bits)
-        and x.dtype in FLOAT_TYPES
+        type(layer) is nn.QuantizedLinear
+        and _linear_ok(layer, x)
         and residual.dtype == x.dtype
-        and out_dims % (DOWN_WARPS * DOWN_ROWS) == 0
-        and residual.size // residual.shape[-1] <= MAX_DECODE_TOKENS
+        and residual.size // residual.shape[-1]
+        == x.size // (layer["weight"].shape[-1] * 32 // layer.bits)
     )
+
+
+def logits_covered(head, hidden: mx.array) -> bool:
+    """The output projection (lm_head, or tied quantized embeddings) for 2-32 tokens.
+    One token stays on MLX's quantized matrix-vector kernel."""
+    tokens = hidden.size // hidden.shape[-1]
+    return (
+        type(head) in (nn.QuantizedLinear, nn.QuantizedEmbedding)
+        and tokens >= 2
+        and _linear_ok(head, hidden)
+    )
+
+
+def logits(head, hidden: mx.array) -> mx.array:
+    out_shape = (*hidden.shape[:-1], head["weight"].shape[0])
+    return linear(hidden, affine_params(head), out_shape)
 
 
 def mlp_covered(mlp, x: mx.array) -> bool:
@@ -457,11 +521,10 @@ def mlp_covered(mlp, x: mx.array) -> bool:
 
 def dense_mlp(mlp, x: mx.array, residual: mx.array | None = None) -> mx.array:
     """(residual +) down(silu(gate(x)) * up(x)) for a quantized SwiGLU MLP, two launches."""
-    gate, up, down_proj = (OneExpert.of(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    idx, ones = _routing_to_one()
+    gate, up = OneExpert.of(mlp.gate_proj), OneExpert.of(mlp.up_proj)
+    idx, _ = _routing_to_one()
     h = gate_up(x, idx, gate.params, up.params, gate.group_size, gate.bits)
-    return down(h, idx, ones, (*down_proj.params, down_proj.group_size, down_proj.bits),
-                x.shape, residual)  # fmt: skip
+    return linear(h, affine_params(mlp.down_proj), x.shape, residual)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,11 +647,21 @@ def attn_prologue(
     threads = min(PROLOGUE_THREADS, 32 * head_dim)
     rows_per_warp = head_dim // (threads // 32)
     words_per_lane = dims * bits // 32 // 32
+    tokens = batch * seq
+    # Tokens sharing each weight load: as many as fit PROLOGUE_STAGE_BYTES of staged floats.
+    per_group = max(
+        1, min(tokens, threads // 32, PROLOGUE_MAX_ACC, PROLOGUE_STAGE_BYTES // (4 * dims))
+    )
     unroll = next(
-        u
-        for u in (8, 4, 2, 1)
-        if rows_per_warp % u == 0 and u * words_per_lane <= MAX_LOADS_IN_FLIGHT
-    ) if words_per_lane <= MAX_LOADS_IN_FLIGHT else 1  # fmt: skip
+        (
+            u
+            for u in (8, 4, 2)
+            if rows_per_warp % u == 0
+            and u * per_group <= PROLOGUE_MAX_ACC
+            and u * words_per_lane <= MAX_LOADS_IN_FLIGHT
+        ),
+        1,
+    )
     eps = mx.array([input_norm.eps, attn.q_norm.eps], mx.float32)
     return _run(
         "attn_prologue",
@@ -615,9 +688,10 @@ def attn_prologue(
             ("HD", head_dim),
             ("NT", threads),
             ("RU", unroll),
+            ("TB", per_group),
             ("PER_ROW_OFFSET", offset.size > 1),
         ],
-        grid=((n_heads + 2 * n_kv) * threads, batch * seq, 1),
+        grid=((n_heads + 2 * n_kv) * threads, -(-tokens // per_group), 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[
             (batch, n_heads, seq, head_dim),

@@ -184,13 +184,13 @@ class Attention(nn.Module):
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         return self.rope(q, offset), self.rope(k, offset), v
 
-    def attend(self, q, keys, values, mask: Any, cache: Any) -> mx.array:
-        """Attention over the cache's keys/values; (B, heads, L, hd) → (B, L, heads * hd)."""
+    def attend(self, q, keys, values, mask: Any, cache: Any, merge: bool = True) -> mx.array:
+        """Attention over the cache's keys/values; (B, heads, L, hd) → (B, L, heads * hd),
+        or left as (B, heads, L, hd) with merge=False (the decode kernels read it as is)."""
         out = scaled_dot_product_attention(
             q, keys, values, cache=cache, scale=self.scale, mask=mask
         )
-        B, _, L, _ = q.shape
-        return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return merge_heads(out) if merge else out
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         offset = cache.offset if cache is not None else 0
@@ -343,7 +343,8 @@ class CompiledDecode:
         last = len(body.layers) - 1
         for i, (layer, layer_cache) in enumerate(zip(body.layers, cache, strict=True)):
             keys, values = _update_cache(layer_cache, k, v)
-            attn = layer.self_attn.attend(q, keys, values, mask, layer_cache)
+            # Heads stay unmerged: a transpose + reshape is two more host dispatches per layer.
+            attn = layer.self_attn.attend(q, keys, values, mask, layer_cache, merge=False)
             if i < last:
                 h, q, k, v = self.steps[i + 1](attn, h, offset)
             else:
@@ -449,9 +450,12 @@ class Model(nn.Module):
         return self.logits(self.model(inputs, cache, input_embeddings))
 
     def logits(self, hidden: mx.array) -> mx.array:
+        head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
+        if fused.enabled() and fused.logits_covered(head, hidden):
+            return fused.logits(head, hidden)  # a few tokens: one pass over the weights
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(hidden)
-        return self.lm_head(hidden)
+            return head.as_linear(hidden)
+        return head(hidden)
 
     @property
     def layers(self) -> list[DecoderLayer]:

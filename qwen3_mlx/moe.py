@@ -13,14 +13,33 @@ the QWEN3_MLX_MOE_KERNELS switch) forces one path.
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels as fused
+from .errors import ConfigError
 
 # Sorting tokens by expert pays off once enough (token, expert) pairs share experts.
 SORT_THRESHOLD = 64
+
+
+def prefill_layout(pairs: int, num_experts: int) -> str:
+    """'blocked' or 'per-pair': how the reference path lays out (token, expert) pairs.
+
+    QWEN3_MLX_MOE_PREFILL=blocked|per-pair forces one; auto packs pairs into per-expert blocks
+    on MLX's CUDA backend once there is at least one pair per expert: its gather_qmm runs one
+    tiled GEMM per batch entry, so a one-row entry wastes the tile (measured in
+    benchmarks/micro.py). Elsewhere (CPU; Metal's gather_qmm reads sorted rows natively)
+    one row per pair stays.
+    """
+    value = os.environ.get("QWEN3_MLX_MOE_PREFILL", "auto").strip().lower()
+    if value not in ("auto", "blocked", "per-pair"):
+        raise ConfigError(f"QWEN3_MLX_MOE_PREFILL={value!r}: expected auto, blocked or per-pair")
+    if value != "auto":
+        return value
+    return "blocked" if fused.backend() == "cuda" and pairs >= num_experts else "per-pair"
 
 
 class ExpertLinear(nn.Module):
@@ -114,6 +133,12 @@ class Experts(nn.Module):
         return y if residual is None else residual + y
 
     def reference(self, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
+        if prefill_layout(indices.size, self.gate_proj.weight.shape[0]) == "blocked":
+            return self.blocked(x, indices, scores)
+        return self.per_pair(x, indices, scores)
+
+    def per_pair(self, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
+        """One gather_(q)mm row per (token, expert) pair, expert-sorted from 64 pairs on."""
         shape = indices.shape
         x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, D): one row per token for gather_mm
         do_sort = indices.size >= SORT_THRESHOLD
@@ -132,6 +157,54 @@ class Experts(nn.Module):
             y = mx.unflatten(y[inverse], 0, shape)
         y = y.squeeze(-2)  # (..., k, D)
         return (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+
+    def blocked(
+        self, x: mx.array, indices: mx.array, scores: mx.array, rows: int | None = None
+    ) -> mx.array:
+        """Prefill: the (token, expert) pairs sorted by expert and packed into blocks of
+        `rows` rows that each belong to one expert, so that every batch entry of gather_(q)mm
+        is a rows x D matrix product against one expert (tiled matrix units do real work)
+        instead of one row per entry. Shapes stay static (no host sync): the block count is
+        the most any routing can need, and unused blocks hold zero rows."""
+        shape, dims = indices.shape, x.shape[-1]
+        k, pairs = shape[-1], indices.size
+        num_experts = self.gate_proj.weight.shape[0]
+        rows = rows or block_rows(pairs, num_experts)
+        filled = min(num_experts, pairs)
+        n_blocks = (pairs + filled * (rows - 1)) // rows
+        flat = indices.flatten().astype(mx.int32)
+        order = mx.argsort(flat)
+        counts = mx.zeros((num_experts,), mx.int32).at[flat].add(1)
+        padded = (counts + rows - 1) // rows * rows
+        padded_end = mx.cumsum(padded)
+        padded_start = padded_end - padded
+        start = mx.cumsum(counts) - counts
+        # Buffer row r lies in block r // rows, which belongs to the first expert whose padded
+        # segment ends after the block's first row; its rank within that expert's pairs
+        # picks the sorted pair it holds, if any.
+        block_first_row = mx.arange(n_blocks, dtype=mx.int32) * rows
+        block_expert = (padded_end[None] <= block_first_row[:, None]).sum(-1)
+        block_expert = mx.minimum(block_expert, num_experts - 1).astype(mx.uint32)
+        row_expert = mx.repeat(block_expert, rows).astype(mx.int32)
+        rank = mx.arange(n_blocks * rows, dtype=mx.int32) - padded_start[row_expert]
+        valid = rank < counts[row_expert]
+        sorted_pos = mx.minimum(start[row_expert] + rank, pairs - 1)
+        token = order[sorted_pos] // k
+        xb = x.reshape(-1, dims)[token] * valid[:, None].astype(x.dtype)
+        xb = xb.reshape(n_blocks, rows, dims)
+        h = nn.silu(self.gate_proj(xb, block_expert)) * self.up_proj(xb, block_expert)
+        yb = self.down_proj(h, block_expert).reshape(n_blocks * rows, dims)
+        # Pair p (original order) sits at buffer row padded_start[e] + (its sorted rank in e).
+        inverse = mx.zeros((pairs,), mx.int32).at[order].add(mx.arange(pairs, dtype=mx.int32))
+        row_of_pair = padded_start[flat] + inverse - start[flat]
+        y = yb[row_of_pair].reshape(*shape, dims)
+        return (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+
+
+def block_rows(pairs: int, num_experts: int) -> int:
+    """Rows per expert block: about the mean pairs per expert, 16 to 64 (MLX's GEMM tiles)."""
+    mean = pairs / num_experts
+    return next((r for r in (16, 32) if mean <= r), 64)
 
 
 class SparseMoeBlock(nn.Module):

@@ -22,6 +22,15 @@ DEVICE_FN float warp_sum(float v) {
   return v;
 }
 
+// Bit i set where lane i's predicate holds; the count of set bits.
+DEVICE_FN uint32_t warp_ballot(bool p) {
+  return __ballot_sync(0xffffffffu, p);
+}
+
+DEVICE_FN int popcount(uint32_t v) {
+  return __popc(v);
+}
+
 // Eight consecutive activations as floats; p is 16-byte aligned.
 DEVICE_FN void load8(const __nv_bfloat16* p, float* o) {
   const uint4 u = *reinterpret_cast<const uint4*>(p);

@@ -18,6 +18,11 @@ DEVICE_FN float warp_sum(float v) {
   return simd_sum(v);
 }
 
+// Bit i set where lane i's predicate holds (popcount is Metal's own).
+DEVICE_FN uint32_t warp_ballot(bool p) {
+  return uint32_t(static_cast<ulong>(simd_ballot(p)));
+}
+
 // Eight consecutive activations as floats; p is 16-byte aligned.
 DEVICE_FN void load8(const device bfloat16_t* p, thread float* o) {
   const uint4 u = *((const device uint4*)p);
