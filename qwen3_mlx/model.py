@@ -4,8 +4,8 @@ A decoder layer is pre-norm attention (GQA, RMSNorm on each q/k head, RoPE) then
 feed-forward that is either a SwiGLU MLP or a sparse MoE block (see moe.py). Parameter names are
 mlx-lm's, so `sanitize()` is the only place that knows about Hugging Face names.
 
-Speed (see kernels.py, benchmarks/): q/k/v (and a dense MLP's gate/up) run as one matmul over
-weights concatenated after loading, never renamed on disk. Where fused kernels run (kernels.py),
+Speed (see kernels.py, benchmarks/): in decode steps q/k/v (and a dense MLP's gate/up) run as
+one matmul over weights concatenated after loading, never renamed on disk. Where fused kernels run (kernels.py),
 a decode layer is: attention prologue (norm → qkv → q/k norm → RoPE), cache update, attention,
 output projection + residual, then router / gate+up / down (norms folded in). A one-token
 decode step runs each layer's cache-free work as one `mx.compile`d function
@@ -175,9 +175,9 @@ class Attention(nn.Module):
                 offset.reshape(-1),
                 self.q_norm.eps,
             )
-        if qkv is not None:
+        if qkv is not None and L == 1:
             q, k, v = mx.split(qkv(x), [nq, nq + nkv], axis=-1)
-        else:
+        else:  # prefill: views into one fused output kept it alive longer (+25% peak memory)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
@@ -216,7 +216,7 @@ class MLP(nn.Module):
         if fused.enabled() and fused.mlp_covered(self, x):
             return fused.dense_mlp(self, x, residual)
         gate_up = fuse(self, "_gate_up", [self.gate_proj, self.up_proj])
-        if gate_up is not None:
+        if gate_up is not None and x.shape[-2] == 1:  # decode only, as for q/k/v
             gate, up = mx.split(gate_up(x), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
