@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt", default="128,2048", help="prompt lengths, comma-separated")
     parser.add_argument("--gen", type=int, default=256, help="timed decode steps")
     parser.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
-    parser.add_argument("--impl", default="ours,mlx-lm", help="ours[:kernels=0][:compile=0],mlx-lm")
+    parser.add_argument(
+        "--impl", default="ours,mlx-lm", help="ours[:kernels=0][:compile=0][:router=0],mlx-lm"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="output path without extension")
     parser.add_argument("--device-label", default=None)
