@@ -193,10 +193,10 @@ def test_prefill_layout_switch(monkeypatch):
     assert prefill_layout(64, 128) == "per-pair"
 
 
-def tiny_model(dtype=mx.float32, bits=4, group_size=64, seed=0, dense=False):
+def tiny_model(dtype=mx.float32, bits=4, group_size=64, seed=0, dense=False, tied=False):
     from benchmarks.models import PRESETS, random_weights, skeleton
 
-    config = dict(PRESETS["tiny"], num_hidden_layers=2, vocab_size=512)
+    config = dict(PRESETS["tiny"], num_hidden_layers=2, vocab_size=512, tie_word_embeddings=tied)
     if dense:
         config.update(model_type="qwen3", num_experts=0, intermediate_size=512)
     model = skeleton("ours", config, bits, group_size)
@@ -483,6 +483,23 @@ def test_model_logits_kernels_on_vs_off(dtype, batch, dense, monkeypatch):
     report("model_logits", dtype=str(dtype), batch=batch, dense=dense, rel=err, agree=agree,
            kernels_vs_f32=err_on, reference_vs_f32=err_off)  # fmt: skip
     assert err_on <= max(1.5 * err_off, 1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_tied_embedding_logits_kernel(monkeypatch):
+    """Tied quantized embeddings as the output head (Qwen3-0.6B to 4B) through the few-token
+    linear kernel at batch 4, against the reference ops."""
+    model, _ = tiny_model(mx.float32, dense=True, tied=True)
+    assert type(model.model.embed_tokens) is nn.QuantizedEmbedding and "lm_head" not in model
+    tokens = np.random.default_rng(7).integers(0, 512, (4, 20))
+    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
+    off = run_tokens(model, tokens, steps=8)
+    monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
+    on = run_tokens(model, tokens, steps=8)
+    err = rel_err(on, off.astype(np.float64))
+    report("tied_logits", rel=err)
+    assert err < 1e-4
 
 
 def _layer(bits: int, group_size: int, dims: int = 512, moe: bool = True, yarn: bool = False):
