@@ -71,6 +71,7 @@ class ServerProcess:
         return httpx.get(self.base + "/health", timeout=5).json()
 
     def output(self) -> str:
+        self.log.flush()
         return Path(self.log.name).read_text(errors="replace")[-5000:]
 
     def stop(self) -> None:

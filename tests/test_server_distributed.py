@@ -24,7 +24,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.server_process import free_port, wait_until_healthy
+from tests.server_process import ServerProcess, free_port, wait_until_healthy
 from tests.test_distributed import env, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,10 +53,14 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-class LaunchedServer:
-    """`mlx.launch -n 2 --backend ring python -m qwen3_mlx.server ... --parallel MODE`."""
+class LaunchedServer(ServerProcess):
+    """`mlx.launch -n 2 --backend ring python -m qwen3_mlx.server ... --parallel MODE`.
+
+    Started its own way; the rest (v1, health, output, stop) is ServerProcess's, and stop
+    also makes sure no rank process outlives the launcher."""
 
     def __init__(self, model: Path, parallel: str, timeout: float = 180.0):
+        self.api_key = None
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="qwen3-mlx-dist-", suffix=".log")
@@ -78,26 +82,9 @@ class LaunchedServer:
     def _track_ranks(self) -> None:
         self.ranks = sorted(set(self.ranks) | set(children(self.proc.pid)))
 
-    @property
-    def v1(self) -> str:
-        return self.base + "/v1"
-
-    def health(self) -> dict:
-        return httpx.get(self.base + "/health", timeout=5).json()
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-5000:]
-
     def stop(self) -> None:
         """Whatever state the job is in, leave no process of it behind."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().stop()
         deadline = time.monotonic() + 15
         while any(alive(p) for p in self.ranks) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -106,7 +93,6 @@ class LaunchedServer:
                 os.kill(pid, signal.SIGKILL)
         if self.proc.stdin:
             self.proc.stdin.close()
-        self.log.close()
 
 
 def start(demo_model_dir, parallel: str) -> LaunchedServer:
