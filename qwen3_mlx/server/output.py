@@ -60,6 +60,15 @@ def dump(model) -> dict[str, Any]:
     return model.model_dump(exclude_none=True, by_alias=True)
 
 
+def chunk_sse(chunk) -> str:
+    """A streamed chunk as an SSE event; its choice keeps `finish_reason: null` (clients read
+    the key on every chunk), which dump() would drop with the other unset fields."""
+    data = dump(chunk)
+    if data.get("choices"):
+        data["choices"][0].setdefault("finish_reason", None)
+    return sse(data)
+
+
 def usage_of(f: Finished) -> Usage:
     return Usage(
         prompt_tokens=f.prompt_tokens,
@@ -223,10 +232,7 @@ class ChatStreamer:
             usage=usage,
             stats=stats,
         )
-        data = dump(chunk)
-        if choices:
-            data["choices"][0].setdefault("finish_reason", None)
-        return sse(data)
+        return chunk_sse(chunk)
 
     def start(self) -> str:
         return self._chunk(ChunkDelta(role="assistant", content=""))
@@ -357,10 +363,7 @@ def completion_chunk(
         usage=usage,
         stats=stats,
     )
-    data = dump(chunk)
-    if choices:
-        data["choices"][0].setdefault("finish_reason", None)
-    return sse(data)
+    return chunk_sse(chunk)
 
 
 # -- Responses API --------------------------------------------------------------------------------
