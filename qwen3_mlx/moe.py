@@ -184,16 +184,17 @@ class Experts(nn.Module):
         # picks the sorted pair it holds, if any.
         block_first_row = mx.arange(n_blocks, dtype=mx.int32) * rows
         block_expert = (padded_end[None] <= block_first_row[:, None]).sum(-1)
-        block_expert = mx.minimum(block_expert, num_experts - 1).astype(mx.uint32)
-        row_expert = mx.repeat(block_expert, rows).astype(mx.int32)
+        block_expert = mx.minimum(block_expert, num_experts - 1).astype(mx.int32)
+        row_expert = mx.repeat(block_expert, rows)
         rank = mx.arange(n_blocks * rows, dtype=mx.int32) - padded_start[row_expert]
         valid = rank < counts[row_expert]
         sorted_pos = mx.minimum(start[row_expert] + rank, pairs - 1)
         token = order[sorted_pos] // k
         xb = x.reshape(-1, dims)[token] * valid[:, None].astype(x.dtype)
         xb = xb.reshape(n_blocks, rows, dims)
-        h = nn.silu(self.gate_proj(xb, block_expert)) * self.up_proj(xb, block_expert)
-        yb = self.down_proj(h, block_expert).reshape(n_blocks * rows, dims)
+        experts = block_expert.astype(mx.uint32)
+        h = nn.silu(self.gate_proj(xb, experts)) * self.up_proj(xb, experts)
+        yb = self.down_proj(h, experts).reshape(n_blocks * rows, dims)
         # Pair p (original order) sits at buffer row padded_start[e] + (its sorted rank in e).
         inverse = mx.zeros((pairs,), mx.int32).at[order].add(mx.arange(pairs, dtype=mx.int32))
         row_of_pair = padded_start[flat] + inverse - start[flat]
