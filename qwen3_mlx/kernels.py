@@ -34,9 +34,9 @@ SOURCE_DIR = Path(__file__).with_name("kernel_sources")
 SPECS: dict[str, tuple[list[str], list[str]]] = {
     "moe_router": (
         ["x", "w", "scales", "biases", "norm_w", "eps"],
-        ["indices", "scores", "inv_rms_out"],
+        ["indices", "scores", "x_norm"],
     ),
-    "moe_gate_up": (["x", "idx", "wg", "sg", "bg", "wu", "su", "bu", "norm_w", "inv_rms"], ["h"]),
+    "moe_gate_up": (["x", "idx", "wg", "sg", "bg", "wu", "su", "bu"], ["h"]),
     "moe_down": (["h", "idx", "scores", "w", "s", "b", "res"], ["y"]),
     "qk_norm_rope": (
         ["q", "k", "v", "q_weight", "k_weight", "inv_freq", "offset", "eps"],
@@ -63,10 +63,18 @@ MAX_DECODE_TOKENS = 32  # tokens a decode kernel takes (gate+up lists pairs in t
 FLOAT_TYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 # Launch shapes (warps per threadgroup, output rows per warp).
-GATE_UP_WARPS, GATE_UP_ROWS = 4, 2
-GATE_UP_PAIRS = 4  # pairs of one expert sharing each weight load
+GATE_UP_WARPS, GATE_UP_ROWS, GATE_UP_ROWS_ONE_TOKEN = 4, 2, 4
+GATE_UP_PAIRS = 2  # pairs of one expert sharing each weight load
 DOWN_WARPS, DOWN_ROWS = 4, 2
-LINEAR_WARPS, LINEAR_ROWS, LINEAR_TOKENS = 4, 2, 8  # tokens sharing one pass over the weights
+LINEAR_WARPS, LINEAR_ROWS = 4, 2
+# Tokens sharing one pass over the weights. Few per pass keep more threadgroups busy (the
+# output projection at batch 8: 2 per pass gave +11% decode over 8); the lm_head's 150k rows
+# give parallelism enough, and each extra pass over its 150 MB would cost more.
+LINEAR_TOKENS, LOGITS_TOKENS = 2, 8
+# Above these token counts MLX's own quantized_matmul is faster than the few-token kernels
+# (benchmarks/tune_kernels.py on the H200; see benchmarks/results/h200_notes.md).
+LINEAR_MAX_TOKENS = MAX_DECODE_TOKENS  # output projection (+ residual), dense down projection
+LOGITS_MAX_TOKENS = MAX_DECODE_TOKENS  # lm_head
 ROPE_THREADS = 128
 PROLOGUE_THREADS = 1024
 MAX_LOADS_IN_FLIGHT = 32  # packed words per lane the prologue keeps in flight
@@ -203,7 +211,7 @@ def experts_covered(experts, x: mx.array, top_k: int) -> bool:
         and _quant_ok(params[1], dims)
         and _quant_ok(params[2], hidden)
         and params[0][3:] == params[1][3:]
-        and hidden % (GATE_UP_WARPS * GATE_UP_ROWS) == 0
+        and hidden % (GATE_UP_WARPS * max(GATE_UP_ROWS, GATE_UP_ROWS_ONE_TOKEN)) == 0
         and dims % (DOWN_WARPS * DOWN_ROWS) == 0
     )
 
@@ -221,14 +229,15 @@ def moe_router(
     x: mx.array, gate, top_k: int, normalize: bool, norm: nn.RMSNorm | None = None
 ) -> tuple[mx.array, mx.array, mx.array | None]:
     """Fused router → (indices uint32 (..., k) by falling probability, scores float32 (..., k),
-    1/rms per token or None). With `norm`, x is un-normalised and the kernel applies it."""
+    normalised x or None). With `norm`, x is un-normalised: the kernel applies the norm and
+    returns norm(x), shaped as x, for the expert kernels."""
     w, scales, biases, group_size, bits = affine_params(gate)
     dims = x.shape[-1]
     tokens, num_experts = x.size // dims, w.shape[0]
     threads = _router_threads(num_experts)
     norm_w, eps = _norm_inputs(norm, x.dtype)
     shape = (*x.shape[:-1], top_k)
-    indices, scores, inv_rms = _run(
+    indices, scores, x_norm = _run(
         "moe_router",
         inputs=[x, w, scales, biases, norm_w, eps],
         template=[
@@ -245,10 +254,10 @@ def moe_router(
         ],
         grid=(tokens * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[shape, shape, (tokens,)],
-        output_dtypes=[mx.uint32, mx.float32, mx.float32],
+        output_shapes=[shape, shape, x.shape if norm is not None else (1,)],
+        output_dtypes=[mx.uint32, mx.float32, x.dtype],
     )
-    return indices, scores, inv_rms if norm is not None else None
+    return indices, scores, x_norm if norm is not None else None
 
 
 @functools.cache
@@ -271,20 +280,15 @@ def moe_experts(
     indices: mx.array,
     scores: mx.array,
     residual: mx.array | None = None,
-    norm: nn.RMSNorm | None = None,
-    inv_rms: mx.array | None = None,
 ) -> mx.array:
-    """Fused experts: (residual +) sum_j scores_j * down_j(silu(gate_j(x)) * up_j(x)).
-
-    With `norm` and `inv_rms` (from moe_router), x is un-normalised and normalised on load.
-    """
+    """Fused experts: (residual +) sum_j scores_j * down_j(silu(gate_j(x)) * up_j(x))."""
     wg, sg, bg, group_size, bits = affine_params(experts.gate_proj)
     wu, su, bu, _, _ = affine_params(experts.up_proj)
-    h = gate_up(x, indices, (wg, sg, bg), (wu, su, bu), group_size, bits, norm, inv_rms)
+    h = gate_up(x, indices, (wg, sg, bg), (wu, su, bu), group_size, bits)
     return down(h, indices, scores, affine_params(experts.down_proj), x.shape, residual)
 
 
-def gate_up(x, indices, gate_params, up_params, group_size, bits, norm=None, inv_rms=None):
+def gate_up(x, indices, gate_params, up_params, group_size, bits):
     """silu(x Wg_e^T) * (x Wu_e^T) for each (token, slot) pair → (pairs, hidden)."""
     wg, sg, bg = gate_params
     wu, su, bu = up_params
@@ -294,11 +298,10 @@ def gate_up(x, indices, gate_params, up_params, group_size, bits, norm=None, inv
     tokens = x.size // dims
     pairs = tokens * top_k
     single = tokens == 1
-    norm_w, placeholder = _norm_inputs(norm, x.dtype)
-    inv = inv_rms if inv_rms is not None else placeholder
+    rows = GATE_UP_ROWS_ONE_TOKEN if single else GATE_UP_ROWS
     (h,) = _run(
         "moe_gate_up",
-        inputs=[x, indices, wg, sg, bg, wu, su, bu, norm_w, inv],
+        inputs=[x, indices, wg, sg, bg, wu, su, bu],
         template=[
             ("T", x.dtype),
             ("S", sg.dtype),
@@ -310,12 +313,11 @@ def gate_up(x, indices, gate_params, up_params, group_size, bits, norm=None, inv
             ("TOPK", top_k),
             ("P", pairs),
             ("NW", GATE_UP_WARPS),
-            ("RPW", GATE_UP_ROWS),
+            ("RPW", rows),
             ("PG", 1 if single else min(GATE_UP_PAIRS, pairs)),
             ("SINGLE_TOKEN", single),
-            ("NORM_IN", norm is not None),
         ],
-        grid=(hidden // (GATE_UP_WARPS * GATE_UP_ROWS) * GATE_UP_WARPS * 32, pairs, 1),
+        grid=(hidden // (GATE_UP_WARPS * rows) * GATE_UP_WARPS * 32, pairs, 1),
         threadgroup=(GATE_UP_WARPS * 32, 1, 1),
         output_shapes=[(pairs, hidden)],
         output_dtypes=[x.dtype],
@@ -414,17 +416,23 @@ def prepare(model) -> None:
                 OneExpert.of(projection)
 
 
-def linear(x: mx.array, params, out_shape, residual: mx.array | None = None) -> mx.array:
+def linear(
+    x: mx.array,
+    params,
+    out_shape,
+    residual: mx.array | None = None,
+    tokens_per_pass: int | None = None,
+) -> mx.array:
     """(residual +) x W^T for affine-quantized (w, scales, biases, group_size, bits), one launch.
 
     x may be any contiguous array of `tokens` rows of the layer's input (for example the
     attention output still in (B, heads, 1, head_dim) layout); the result has `out_shape`.
-    Up to LINEAR_TOKENS tokens share each read of the weights.
+    Up to `tokens_per_pass` (default LINEAR_TOKENS) tokens share each read of the weights.
     """
     w, scales, biases, group_size, bits = params
     out_dims, in_dims = w.shape[0], w.shape[1] * 32 // bits
     tokens = x.size // in_dims
-    per_group = min(tokens, LINEAR_TOKENS)
+    per_group = min(tokens, tokens_per_pass or LINEAR_TOKENS)
     has_res = residual is not None
     (y,) = _run(
         "linear",
@@ -481,6 +489,7 @@ def linear_residual_covered(layer, x: mx.array, residual: mx.array) -> bool:
         and residual.dtype == x.dtype
         and residual.size // residual.shape[-1]
         == x.size // (layer["weight"].shape[-1] * 32 // layer.bits)
+        and residual.size // residual.shape[-1] <= LINEAR_MAX_TOKENS
     )
 
 
@@ -490,14 +499,14 @@ def logits_covered(head, hidden: mx.array) -> bool:
     tokens = hidden.size // hidden.shape[-1]
     return (
         type(head) in (nn.QuantizedLinear, nn.QuantizedEmbedding)
-        and tokens >= 2
+        and 2 <= tokens <= LOGITS_MAX_TOKENS
         and _linear_ok(head, hidden)
     )
 
 
 def logits(head, hidden: mx.array) -> mx.array:
     out_shape = (*hidden.shape[:-1], head["weight"].shape[0])
-    return linear(hidden, affine_params(head), out_shape)
+    return linear(hidden, affine_params(head), out_shape, tokens_per_pass=LOGITS_TOKENS)
 
 
 def mlp_covered(mlp, x: mx.array) -> bool:
@@ -512,7 +521,7 @@ def mlp_covered(mlp, x: mx.array) -> bool:
         _quant_ok(params[0], x.shape[-1])
         and params[0][3:] == params[1][3:]
         and _quant_ok(params[2], hidden)
-        and hidden % (GATE_UP_WARPS * GATE_UP_ROWS) == 0
+        and hidden % (GATE_UP_WARPS * max(GATE_UP_ROWS, GATE_UP_ROWS_ONE_TOKEN)) == 0
         and x.shape[-1] % (DOWN_WARPS * DOWN_ROWS) == 0
         and x.dtype in FLOAT_TYPES
         and x.size // x.shape[-1] <= MAX_DECODE_TOKENS

@@ -242,17 +242,15 @@ class SparseMoeBlock(nn.Module):
     ) -> mx.array:
         """(residual +) the block's output for x, or for norm(x) when `norm` is given.
 
-        With `norm`, the fused kernels normalise x on the fly (router and gate+up) instead of
-        writing a normalised copy first.
+        With `norm`, the fused router kernel normalises x itself and hands the normalised
+        rows to the expert kernels (no separate norm launch).
         """
         if norm is not None:
             if self._fused_ok(x):
-                indices, scores, inv_rms = fused.moe_router(
+                indices, scores, normed = fused.moe_router(
                     x, self.gate, self.top_k, self.norm_topk_prob, norm=norm
                 )
-                return fused.moe_experts(
-                    self.switch_mlp, x, indices, scores, residual, norm=norm, inv_rms=inv_rms
-                )
+                return fused.moe_experts(self.switch_mlp, normed, indices, scores, residual)
             x = norm(x)
         indices, scores = self.route(x)
         return self.switch_mlp(x, indices, scores, residual)

@@ -347,6 +347,27 @@ def test_router_kernel_matches_reference(case, normalize):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_router_kernel_hands_on_the_normalised_input(tokens):
+    """With a norm, the router normalises x itself and returns norm(x) for the experts: it must
+    be exactly what the reference RMSNorm gives (both round the product to bf16 once)."""
+    dims = 2048
+    block = make_block(dims, 128, 128, 8, 4, 64, mx.bfloat16, seed=tokens)
+    norm = nn.RMSNorm(dims, eps=1e-6)
+    norm.weight = (1 + 0.1 * mx.random.normal((dims,))).astype(mx.bfloat16)
+    x = (3 * mx.random.normal((tokens, 1, dims))).astype(mx.bfloat16)
+    idx, _, normed = kernels.moe_router(x, block.gate, 8, True, norm=norm)
+    want = norm(x)
+    assert normed.shape == x.shape and normed.dtype == x.dtype
+    diff = np.abs(np.array(normed.astype(mx.float32)) - np.array(want.astype(mx.float32)))
+    scale = np.abs(np.array(want.astype(mx.float32))) + 1e-3
+    report("router_norm", tokens=tokens, max_rel=float((diff / scale).max()))
+    assert (diff / scale).max() <= 2.0**-7  # at most one bf16 rounding step apart
+    assert idx.shape == (tokens, 1, 8)
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("seq", [1, 5])
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("yarn", [False, True])
@@ -576,10 +597,27 @@ def test_attention_prologue_matches_reference(case, per_row, monkeypatch):
 def test_layer_finish_matches_reference(case, moe, monkeypatch):
     """o_proj + residual, then the (norm-folded) MoE block or dense MLP."""
     bits, group_size, tokens, _ = case
+    mx.random.seed(17 * tokens + bits)
     layer = _layer(bits, group_size, moe=moe)
     attn = mx.random.normal((1, tokens, 8 * 128)).astype(mx.bfloat16)
     x = mx.random.normal((1, tokens, 512)).astype(mx.bfloat16)
     out, ref = _both(lambda: layer.finish(attn, x), monkeypatch)
-    err = rel_err(out, np.array(ref.astype(mx.float32), np.float64))
-    report("layer_finish", case=case, moe=moe, rel=err)
-    assert out.shape == ref.shape and err < 1e-2
+    assert out.shape == ref.shape
+    # A token whose k-th and (k+1)-th router logits are within bf16 rounding of each other
+    # may rightly get either expert (the two paths sum in different orders): judge the rest.
+    keep = ~_near_ties(layer, attn, x) if moe else np.ones(tokens, bool)
+    got = np.array(out[0].astype(mx.float32))[keep]
+    err = rel_err(got, np.array(ref[0].astype(mx.float32), np.float64)[keep])
+    report("layer_finish", case=case, moe=moe, rel=err, near_ties=int((~keep).sum()))
+    assert keep.sum() >= 1 and err < 1e-2
+
+
+def _near_ties(layer, attn, x) -> np.ndarray:
+    """Per token: is the top-k cut of the reference router logits a near-tie?"""
+    mlp = layer.mlp
+    h = x + layer.self_attn.o_proj(attn)
+    logits = mlp.gate(layer.post_attention_layernorm(h)).astype(mx.float32)
+    ordered = -np.sort(-np.array(logits[0]), axis=-1)
+    k = mlp.top_k
+    cut = ordered[:, k - 1]
+    return cut - ordered[:, k] < 2e-2 * np.maximum(1.0, np.abs(cut))

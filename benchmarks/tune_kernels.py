@@ -1,0 +1,270 @@
+"""Launch-shape sweep of the few-token kernels (GPU only): device time per launch, per shape,
+and whole decode steps of a model preset under each setting (section `step`).
+
+    python -m benchmarks.tune_kernels --out benchmarks/results/tune_h200.json
+
+Each measurement launches the kernel on `--distinct` different random weights (so the L2
+cache does not hold them, as in a real step), `--launches` times in one evaluation, and
+reports the median time per launch. The launch shapes are module constants of
+qwen3_mlx.kernels, set here for the duration of one measurement; the winners go back into
+kernels.py by hand, with the figures that chose them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from qwen3_mlx import kernels
+
+# (name, in_dims, out_dims): the output projection of Qwen3-30B-A3B, and Qwen3-8B's output and
+# down projections
+LINEAR_SHAPES = [
+    ("30b.o_proj", 4096, 2048),
+    ("30b.qkv", 2048, 5120),
+    ("8b.o_proj", 4096, 4096),
+    ("8b.down", 12288, 4096),
+]
+# Qwen3-30B-A3B experts: 128 experts of hidden 2048 -> 768, top-8
+MOE_SHAPE = dict(experts=128, dims=2048, hidden=768, top_k=8)
+
+
+def per_launch(fn, launches: int, repeats: int) -> float:
+    """Median seconds per launch of `launches` calls of fn(i) evaluated together."""
+    mx.eval([fn(i) for i in range(launches)])
+    times = []
+    for _ in range(repeats):
+        mx.synchronize()
+        start = time.perf_counter()
+        mx.eval([fn(i) for i in range(launches)])
+        mx.synchronize()
+        times.append((time.perf_counter() - start) / launches)
+    return statistics.median(times)
+
+
+def quantized_linears(in_dims, out_dims, count, bits, group_size):
+    layers = []
+    for i in range(count):
+        mx.random.seed(i)
+        layer = nn.QuantizedLinear.from_linear(
+            nn.Linear(in_dims, out_dims, bias=False), group_size, bits
+        )
+        layer.set_dtype(mx.bfloat16)
+        mx.eval(layer.parameters())
+        layers.append(layer)
+    return layers
+
+
+class Experts(nn.Module):
+    def __init__(self, experts, dims, hidden):
+        super().__init__()
+        scale = dims**-0.5
+        for name, shape in (
+            ("gate_proj", (experts, hidden, dims)),
+            ("up_proj", (experts, hidden, dims)),
+            ("down_proj", (experts, dims, hidden)),
+        ):
+            setattr(self, name, _QuantizedStack(mx.random.normal(shape) * scale))
+
+
+class _QuantizedStack(nn.Module):
+    """A stack of expert matrices in MLX's affine format (what kernels.affine_params reads)."""
+
+    def __init__(self, weight, bits=4, group_size=64):
+        super().__init__()
+        self.weight, self.scales, self.biases = mx.quantize(weight, group_size, bits)
+        self.scales = self.scales.astype(mx.bfloat16)
+        self.biases = self.biases.astype(mx.bfloat16)
+        self.group_size, self.bits, self.mode = group_size, bits, "affine"
+
+
+def sweep(constants: dict[str, list[int]]):
+    """Every combination of the given kernels.py constants, each as a dict."""
+    names = list(constants)
+    for values in itertools.product(*(constants[n] for n in names)):
+        yield dict(zip(names, values, strict=True))
+
+
+def with_constants(settings: dict, fn):
+    """fn() with kernels.py constants (and QWEN3_MLX_* environment switches) set."""
+    env = {k: v for k, v in settings.items() if k.startswith("QWEN3_MLX_")}
+    constants = {k: v for k, v in settings.items() if k not in env}
+    saved = {name: getattr(kernels, name) for name in constants}
+    saved_env = {name: os.environ.get(name) for name in env}
+    for name, value in constants.items():
+        setattr(kernels, name, value)
+    os.environ.update(env)
+    try:
+        return fn()
+    finally:
+        for name, value in saved.items():
+            setattr(kernels, name, value)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# Whole-step variants: kernels.py constants (or QWEN3_MLX_* environment switches) to set;
+# empty: as committed.
+STEP_VARIANTS = {
+    "default": {},
+    "o MT=1": {"LINEAR_TOKENS": 1},
+    "o MT=4": {"LINEAR_TOKENS": 4},
+    "o qmm": {"LINEAR_MAX_TOKENS": 1},
+    "head MT=2": {"LOGITS_TOKENS": 2},
+    "head qmm": {"LOGITS_MAX_TOKENS": 1},
+    "down rows 4": {"DOWN_ROWS": 4},
+    "gate_up PG=1": {"GATE_UP_PAIRS": 1},
+    "router ref": {"QWEN3_MLX_ROUTER_KERNEL": "0"},
+}
+
+
+def step_section(args, record):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from .decode import decode, fill_cache
+    from .models import PRESETS, build
+
+    models, _ = build(args.preset, 4, 64, impls=["ours"])
+    model = models["ours"]
+    vocab = PRESETS[args.preset]["vocab_size"]
+    for batch in (int(b) for b in args.batch.split(",")):
+        for name in args.variants.split(";"):
+
+            def run(batch=batch):
+                model.model.reset_compiled()
+                cache = make_prompt_cache(model)
+                fill_cache(cache, batch, args.prompt, model)
+                token = mx.random.randint(0, vocab, (batch,))
+                decode(model, token, cache, 8)  # trace and JIT
+                seconds, host = decode(model, token, cache, args.steps)
+                return seconds / args.steps, host / args.steps
+
+            step, host = with_constants(STEP_VARIANTS[name], run)
+            record(kernel="step", preset=args.preset, batch=batch, variant=name,
+                   step_ms=step * 1e3, host_ms=host * 1e3, tok_s=batch / step)  # fmt: skip
+    model.model.reset_compiled()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", default="1,8")
+    parser.add_argument("--distinct", type=int, default=12)
+    parser.add_argument("--launches", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sections", default="linear,moe")
+    parser.add_argument("--shapes", default=",".join(n for n, _, _ in LINEAR_SHAPES))
+    parser.add_argument("--preset", default="qwen3-30b-a3b", help="step section")
+    parser.add_argument("--batch", default="1,8", help="step section")
+    parser.add_argument("--prompt", type=int, default=128, help="step section")
+    parser.add_argument("--steps", type=int, default=48, help="step section")
+    parser.add_argument(
+        "--variants", default=";".join(STEP_VARIANTS), help="step section, ;-separated"
+    )
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if kernels.backend() is None:
+        raise SystemExit("tune_kernels needs a GPU backend (CUDA or Metal)")
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    results = {"mlx": mx.__version__, "command": "python -m benchmarks.tune_kernels", "runs": []}
+
+    def record(**row):
+        results["runs"].append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+
+    if "linear" in args.sections:
+        for name, in_dims, out_dims in LINEAR_SHAPES:
+            if name not in args.shapes.split(","):
+                continue
+            layers = quantized_linears(in_dims, out_dims, args.distinct, 4, 64)
+            for tokens in token_counts:
+                x = mx.random.normal((tokens, in_dims)).astype(mx.bfloat16)
+                res = mx.random.normal((tokens, out_dims)).astype(mx.bfloat16)
+                mx.eval(x, res)
+
+                def ref(i, x=x, layers=layers, res=res):
+                    return res + layers[i % len(layers)](x)
+
+                record(kernel="linear", shape=name, tokens=tokens, config="reference",
+                       us=per_launch(ref, args.launches, args.repeats) * 1e6)  # fmt: skip
+                grid = {
+                    "LINEAR_WARPS": [4],
+                    "LINEAR_ROWS": [2, 4],
+                    "LINEAR_TOKENS": [m for m in (1, 2, 4, 8) if m <= tokens],
+                }
+                if tokens == 1:
+                    grid = {"LINEAR_WARPS": [4], "LINEAR_ROWS": [1, 2, 4], "LINEAR_TOKENS": [1]}
+                for settings in sweep(grid):
+
+                    def fused(i, x=x, layers=layers, res=res):
+                        layer = layers[i % len(layers)]
+                        return kernels.linear(x, kernels.affine_params(layer), res.shape, res)
+
+                    us = with_constants(
+                        settings, lambda f=fused: per_launch(f, args.launches, args.repeats)
+                    )
+                    record(kernel="linear", shape=name, tokens=tokens, config=settings,
+                           us=us * 1e6)  # fmt: skip
+
+    if "step" in args.sections:
+        step_section(args, record)
+
+    if "moe" in args.sections:
+        shape = MOE_SHAPE
+        stacks = []
+        for i in range(args.distinct):
+            mx.random.seed(100 + i)
+            stacks.append(Experts(shape["experts"], shape["dims"], shape["hidden"]))
+            mx.eval(stacks[-1].parameters())
+        for tokens in token_counts:
+            x = mx.random.normal((tokens, shape["dims"])).astype(mx.bfloat16)
+            logits = mx.random.normal((tokens, shape["experts"]))
+            indices = mx.argsort(-logits, axis=-1)[:, : shape["top_k"]].astype(mx.uint32)
+            scores = mx.softmax(logits, axis=-1)[:, : shape["top_k"]]
+            mx.eval(x, indices, scores)
+            grid = {
+                "GATE_UP_WARPS": [4],
+                "GATE_UP_ROWS": [1, 2, 4],
+                "GATE_UP_PAIRS": [1, 2, 4] if tokens > 1 else [1],
+            }
+            for settings in sweep(grid):
+
+                def up(i, x=x, indices=indices):
+                    e = stacks[i % len(stacks)]
+                    wg, sg, bg, gs, bits = kernels.affine_params(e.gate_proj)
+                    wu, su, bu, _, _ = kernels.affine_params(e.up_proj)
+                    return kernels.gate_up(x, indices, (wg, sg, bg), (wu, su, bu), gs, bits)
+
+                us = with_constants(
+                    settings, lambda f=up: per_launch(f, args.launches, args.repeats)
+                )
+                record(kernel="gate_up", tokens=tokens, config=settings, us=us * 1e6)
+            h = mx.random.normal((tokens * shape["top_k"], shape["hidden"])).astype(mx.bfloat16)
+            mx.eval(h)
+            for settings in sweep({"DOWN_WARPS": [4], "DOWN_ROWS": [1, 2, 4]}):
+
+                def down(i, h=h, x=x, indices=indices, scores=scores):
+                    e = stacks[i % len(stacks)]
+                    params = kernels.affine_params(e.down_proj)
+                    return kernels.down(h, indices, scores, params, x.shape, x)
+
+                us = with_constants(
+                    settings, lambda f=down: per_launch(f, args.launches, args.repeats)
+                )
+                record(kernel="down", tokens=tokens, config=settings, us=us * 1e6)
+
+
+if __name__ == "__main__":
+    main()
