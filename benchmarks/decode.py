@@ -7,10 +7,12 @@ Both projects get the same random quantized weights (benchmarks/models.py) and t
 timing loop: the prompt is prefilled in one call (time to first token = prefill + first
 argmax), then greedy decode steps are pipelined the way mlx-lm's generate does it (step t+1
 is built and queued with async_eval before step t's token is read). Every configuration is
-run once untimed first (MLX compiles kernels on first use), then `--repeats` times; the
-median is reported. For batch > 1 the KV cache is filled with random keys/values of the
-prompt length instead of a real batched prefill (decode speed depends only on the cache
-length); prefill speed is measured at batch 1.
+run once untimed first (MLX compiles kernels on first use), then `--repeats` times with the
+implementations taking turns (a load change on a shared machine hits all of them alike);
+the median is reported, and next to the ratio of medians the median of the per-round
+ratios (`decode_ratio_vs_mlx_lm_paired`). For batch > 1 the KV cache is filled with random
+keys/values of the prompt length instead of a real batched prefill (decode speed depends
+only on the cache length); prefill speed is measured at batch 1.
 
 Variants of this project: `ours` (defaults), `ours:kernels=0` (reference ops),
 `ours:compile=0` (uncompiled decode step), `ours:router=0` (reference routing, expert kernels
@@ -268,28 +270,38 @@ def main(argv: list[str] | None = None) -> dict:
     runs, errors = [], []
     for batch in batches:
         for prompt in prompts:
+            if args.time_budget and time.perf_counter() - started > args.time_budget:
+                print(f"time budget reached; skipping b{batch} p{prompt}", flush=True)
+                continue
+            reps: dict[str, list[dict]] = {variant: [] for variant in variants}
+            failed: dict[str, str] = {}
+            # Round 0 warms every variant up (compiles); then the variants take turns, so a
+            # change of load on a shared machine hits all of them alike.
+            for repeat in range(args.repeats + 1):
+                for variant in variants:
+                    if variant in failed:
+                        continue
+                    set_variant(variant)
+                    model = models["mlx-lm" if variant == "mlx-lm" else "ours"]
+                    gen = args.gen if repeat else min(args.gen, 16)
+                    try:
+                        result = run_config(model, config["vocab_size"], batch, prompt, gen)
+                    except Exception as exc:  # keep the other configurations' numbers
+                        failed[variant] = f"{type(exc).__name__}: {exc}"[:2000]
+                        continue
+                    if repeat:
+                        reps[variant].append(result)
             for variant in variants:
-                if args.time_budget and time.perf_counter() - started > args.time_budget:
-                    print(f"time budget reached; skipping {variant} b{batch} p{prompt}", flush=True)
-                    continue
-                set_variant(variant)
                 model = models["mlx-lm" if variant == "mlx-lm" else "ours"]
                 row = dict(impl=variant, batch=batch, prompt=prompt, gen=args.gen)
-                try:
-                    warm_gen = min(args.gen, 16)
-                    run_config(model, config["vocab_size"], batch, prompt, warm_gen)  # compile
-                    reps = [
-                        run_config(model, config["vocab_size"], batch, prompt, args.gen)
-                        for _ in range(args.repeats)
-                    ]
-                except Exception as exc:  # keep the other configurations' numbers
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                if variant in failed:
+                    row["error"] = failed[variant]
                     print(json.dumps(row), flush=True)
                     errors.append(row)
                     continue
-                for key in reps[0]:
-                    row[key] = statistics.median(r[key] for r in reps)
-                row["decode_tok_s_all"] = [round(r["decode_tok_s"], 2) for r in reps]
+                for key in reps[variant][0]:
+                    row[key] = statistics.median(r[key] for r in reps[variant])
+                row["decode_tok_s_all"] = [round(r["decode_tok_s"], 2) for r in reps[variant]]
                 step_bytes = bytes_per_step(model, config, batch, prompt)
                 row["bytes_per_step_gb"] = step_bytes / 1e9
                 if bandwidth:
@@ -308,6 +320,12 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         if base and row["impl"] != "mlx-lm":
             row["decode_ratio_vs_mlx_lm"] = row["decode_tok_s"] / base[0]["decode_tok_s"]
+            # Per round (the two ran back to back): less sensitive to load drift.
+            paired = [
+                a / b
+                for a, b in zip(row["decode_tok_s_all"], base[0]["decode_tok_s_all"], strict=True)
+            ]
+            row["decode_ratio_vs_mlx_lm_paired"] = statistics.median(paired)
             if "prefill_tok_s" in row and "prefill_tok_s" in base[0]:
                 row["prefill_ratio_vs_mlx_lm"] = row["prefill_tok_s"] / base[0]["prefill_tok_s"]
     results = {"meta": meta, "runs": runs, "errors": errors}
@@ -324,13 +342,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_table(results: dict) -> None:
     print(
-        f"\n{'impl':24} {'batch':>5} {'prompt':>6} {'decode':>9} {'ratio':>6} {'prefill':>9} "
-        f"{'ratio':>6} {'ttft_s':>7} {'peakGB':>7} {'bw%':>5}"
+        f"\n{'impl':24} {'batch':>5} {'prompt':>6} {'decode':>9} {'ratio':>6} {'paired':>6} "
+        f"{'prefill':>9} {'ratio':>6} {'ttft_s':>7} {'peakGB':>7} {'bw%':>5} {'step_ms':>7} "
+        f"{'host':>6}"
     )
     for r in results["runs"]:
         print(
             f"{r['impl']:24} {r['batch']:5d} {r['prompt']:6d} {r['decode_tok_s']:9.1f} "
             f"{r.get('decode_ratio_vs_mlx_lm', float('nan')):6.2f} "
+            f"{r.get('decode_ratio_vs_mlx_lm_paired', float('nan')):6.2f} "
             f"{r.get('prefill_tok_s', float('nan')):9.1f} "
             f"{r.get('prefill_ratio_vs_mlx_lm', float('nan')):6.2f} "
             f"{r.get('ttft_s', float('nan')):7.3f} {r['peak_memory_gb']:7.2f} "

@@ -42,6 +42,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
 from .errors import GenerationError
@@ -172,6 +173,45 @@ def _fresh_like(c: Any) -> Any:
     if isinstance(c, mlx_cache.RotatingKVCache):
         return mlx_cache.RotatingKVCache(max_size=c.max_size, keep=c.keep)
     return type(c)()
+
+
+# -- transposed keys (CPU decode) --------------------------------------------------
+
+_KEYS_T = "_qwen3_mlx_keys_t"
+
+
+def transposed_keys(cache: mlx_cache.KVCache, k: mx.array, position: int) -> mx.array:
+    """The keys of a plain KVCache as (B, kv_heads, head_dim, capacity), the new key `k`
+    (B, kv_heads, 1, head_dim) at `position` included; call after the cache update.
+
+    MLX's CPU backend multiplies through a reference BLAS whose q @ K^T is a loop of
+    dependent dot products, while q @ K^T-stored-transposed streams; the CPU decode step
+    keeps this copy next to the cache (one more copy of the keys, decode only). It is kept
+    up to date one column per step and rebuilt from the cache whenever that could be stale:
+    the cache grew, was trimmed, or was written outside the CPU decode step (the model
+    drops the copies then, see drop_transposed_keys).
+    """
+    keys = cache.keys
+    held = cache.__dict__.get(_KEYS_T)
+    if held is not None:
+        kt, length, keys_id = held
+        if length == position and keys_id == id(keys) and kt.shape[-1] == keys.shape[2]:
+            kt[..., position : position + 1] = k.swapaxes(-1, -2)
+            cache.__dict__[_KEYS_T] = (kt, position + 1, keys_id)
+            return kt
+    B, kv_heads, capacity, head_dim = keys.shape
+    filled = keys[:, :, : position + 1].swapaxes(-1, -2)
+    rest = mx.zeros((B, kv_heads, head_dim, capacity - position - 1), keys.dtype)
+    kt = mx.concatenate([filled, rest], axis=-1)
+    cache.__dict__[_KEYS_T] = (kt, position + 1, id(keys))
+    return kt
+
+
+def drop_transposed_keys(caches: list[Any]) -> None:
+    """Forget transposed_keys' copies (the caches are about to be written another way)."""
+    for c in caches:
+        if c is not None and _KEYS_T in getattr(c, "__dict__", ()):
+            del c.__dict__[_KEYS_T]
 
 
 # -- files -------------------------------------------------------------------------

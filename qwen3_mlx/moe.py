@@ -50,9 +50,15 @@ class ExpertLinear(nn.Module):
         scale = math.sqrt(1 / input_dims)
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    def __call__(
+        self, x: mx.array, indices: mx.array, sorted_indices: bool = False, rows=None
+    ) -> mx.array:
         return mx.gather_mm(
-            x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+            x,
+            self.weight.swapaxes(-1, -2),
+            lhs_indices=rows,
+            rhs_indices=indices,
+            sorted_indices=sorted_indices,
         )
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
@@ -90,12 +96,15 @@ class QuantizedExpertLinear(nn.Module):
         if biases:
             self.biases = biases[0]
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    def __call__(
+        self, x: mx.array, indices: mx.array, sorted_indices: bool = False, rows=None
+    ) -> mx.array:
         return mx.gather_qmm(
             x,
             self.weight,
             self.scales,
             self.get("biases"),
+            lhs_indices=rows,
             rhs_indices=indices,
             transpose=True,
             group_size=self.group_size,
@@ -131,6 +140,17 @@ class Experts(nn.Module):
             return fused.moe_experts(self, x, indices, scores, residual)
         y = self.reference(x, indices, scores)
         return y if residual is None else residual + y
+
+    def decode(self, x, indices, scores, residual, rows: mx.array, pairs: mx.array) -> mx.array:
+        """x (B, 1, D), indices/scores (B, 1, k) → residual + weighted sum of expert outputs.
+
+        `rows`/`pairs` (decode_indices) say which row of x, then of the gate/up output, each
+        (token, expert) pair reads: constants, where gather_(q)mm would build them from
+        aranges in every call.
+        """
+        h = nn.silu(self.gate_proj(x, indices, rows=rows)) * self.up_proj(x, indices, rows=rows)
+        y = self.down_proj(h, indices, rows=pairs).squeeze(-2)  # (B, 1, k, D)
+        return residual + (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
 
     def reference(self, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
         if prefill_layout(indices.size, self.gate_proj.weight.shape[0]) == "blocked":
@@ -202,6 +222,16 @@ class Experts(nn.Module):
         return (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
 
 
+def decode_indices(batch: int, top_k: int) -> tuple[mx.array, mx.array]:
+    """(rows, pairs), both (batch, 1, top_k) uint32: the token row of each (token, expert)
+    pair, and the pair's own index, for Experts.decode."""
+    rows = mx.broadcast_to(mx.arange(batch, dtype=mx.uint32)[:, None, None], (batch, 1, top_k))
+    pairs = mx.arange(batch * top_k, dtype=mx.uint32).reshape(batch, 1, top_k)
+    rows = mx.contiguous(rows)
+    mx.eval(rows, pairs)
+    return rows, pairs
+
+
 def block_rows(pairs: int, num_experts: int) -> int:
     """Rows per expert block: about the mean pairs per expert, 16 to 64 (MLX's GEMM tiles)."""
     mean = pairs / num_experts
@@ -254,6 +284,12 @@ class SparseMoeBlock(nn.Module):
             x = norm(x)
         indices, scores = self.route(x)
         return self.switch_mlp(x, indices, scores, residual)
+
+    def decode(self, x: mx.array, residual: mx.array, rows: mx.array, pairs: mx.array):
+        """residual + the block's output for x (B, 1, D), one token per row, on the reference
+        path (the CPU decode step); `rows`/`pairs`: decode_indices(B, top_k)."""
+        indices, scores = self.route(x)
+        return self.switch_mlp.decode(x, indices, scores, residual, rows, pairs)
 
     def _fused_ok(self, x: mx.array) -> bool:
         num_experts = self.gate.weight.shape[0]
