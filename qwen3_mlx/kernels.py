@@ -71,10 +71,11 @@ LINEAR_WARPS, LINEAR_ROWS = 4, 2
 # output projection at batch 8: 2 per pass gave +11% decode over 8); the lm_head's 150k rows
 # give parallelism enough, and each extra pass over its 150 MB would cost more.
 LINEAR_TOKENS, LOGITS_TOKENS = 2, 8
-# Above these token counts MLX's own quantized_matmul is faster than the few-token kernels
-# (benchmarks/tune_kernels.py on the H200; see benchmarks/results/h200_notes.md).
-LINEAR_MAX_TOKENS = MAX_DECODE_TOKENS  # output projection (+ residual), dense down projection
-LOGITS_MAX_TOKENS = MAX_DECODE_TOKENS  # lm_head
+# Above these token counts the output projection / the lm_head go to MLX's quantized_matmul.
+# At batch 8 on the H200 that was 1-20% slower per decode step than these kernels (whole-step
+# variants of benchmarks/tune_kernels.py, h200_notes.md), so both cover every decode size.
+LINEAR_MAX_TOKENS = MAX_DECODE_TOKENS
+LOGITS_MAX_TOKENS = MAX_DECODE_TOKENS
 ROPE_THREADS = 128
 PROLOGUE_THREADS = 1024
 MAX_LOADS_IN_FLIGHT = 32  # packed words per lane the prologue keeps in flight

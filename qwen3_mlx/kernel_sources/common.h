@@ -10,17 +10,22 @@
 // is exactly 1 + q / 2^BITS, so sum_i q_i x_i = 2^BITS * (sum_i (1 + q_i / 2^BITS) x_i - xs)
 // with xs = sum_i x_i, which every caller already has for the affine bias term.
 
+// Value j of a packed word as 1 + q_j / 2^BITS, exactly.
+template <int BITS>
+DEVICE_FN float biased_value(const uint32_t word, const int j) {
+  constexpr int LOW = 23 - BITS;  // where q's lowest bit goes in the mantissa
+  constexpr uint32_t FIELD = ((1u << BITS) - 1u) << LOW;
+  const int shift = LOW - BITS * j;
+  const uint32_t moved = shift >= 0 ? word << shift : word >> -shift;
+  return AS_FLOAT((moved & FIELD) | 0x3f800000u);
+}
+
 // sum_j (1 + q_j / 2^BITS) * x_j over the 32/BITS values packed in one word.
 template <int BITS>
 DEVICE_FN float biased_word_dot(const uint32_t word, const THREAD float* x) {
-  constexpr int PER_WORD = 32 / BITS;
-  constexpr int LOW = 23 - BITS;  // where q's lowest bit goes in the mantissa
-  constexpr uint32_t FIELD = ((1u << BITS) - 1u) << LOW;
   float acc = 0.0f;
-  UNROLL for (int j = 0; j < PER_WORD; j++) {
-    const int shift = LOW - BITS * j;
-    const uint32_t moved = shift >= 0 ? word << shift : word >> -shift;
-    acc += AS_FLOAT((moved & FIELD) | 0x3f800000u) * x[j];
+  UNROLL for (int j = 0; j < 32 / BITS; j++) {
+    acc += biased_value<BITS>(word, j) * x[j];
   }
   return acc;
 }
@@ -47,14 +52,10 @@ DEVICE_FN float qdot(const uint4 w, const THREAD float* x, const float xs) {
 template <int BITS>
 DEVICE_FN void unpack_biased(const uint4 w, THREAD float* out) {
   constexpr int PER_WORD = 32 / BITS;
-  constexpr int LOW = 23 - BITS;
-  constexpr uint32_t FIELD = ((1u << BITS) - 1u) << LOW;
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
   UNROLL for (int i = 0; i < 4; i++) {
     UNROLL for (int j = 0; j < PER_WORD; j++) {
-      const int shift = LOW - BITS * j;
-      const uint32_t moved = shift >= 0 ? words[i] << shift : words[i] >> -shift;
-      out[PER_WORD * i + j] = AS_FLOAT((moved & FIELD) | 0x3f800000u);
+      out[PER_WORD * i + j] = biased_value<BITS>(words[i], j);
     }
   }
 }
