@@ -62,7 +62,7 @@ def quantized_linears(in_dims, out_dims, count, bits, group_size):
     return layers
 
 
-class Experts(nn.Module):
+class RandomExperts(nn.Module):
     def __init__(self, experts, dims, hidden):
         super().__init__()
         scale = dims**-0.5
@@ -226,7 +226,7 @@ def main(argv=None):
         stacks = []
         for i in range(args.distinct):
             mx.random.seed(100 + i)
-            stacks.append(Experts(shape["experts"], shape["dims"], shape["hidden"]))
+            stacks.append(RandomExperts(shape["experts"], shape["dims"], shape["hidden"]))
             mx.eval(stacks[-1].parameters())
         for tokens in token_counts:
             x = mx.random.normal((tokens, shape["dims"])).astype(mx.bfloat16)

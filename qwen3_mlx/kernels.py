@@ -196,6 +196,11 @@ def router_covered(gate, x: mx.array, num_experts: int, top_k: int) -> bool:
     )
 
 
+def _gate_up_rows_fit(hidden: int) -> bool:
+    """Whether gate+up's row tiles (one token's or a batch's) divide `hidden`."""
+    return hidden % (GATE_UP_WARPS * max(GATE_UP_ROWS, GATE_UP_ROWS_ONE_TOKEN)) == 0
+
+
 def experts_covered(experts, x: mx.array, top_k: int) -> bool:
     gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
     params = [affine_params(p) for p in (gate, up, down)]
@@ -212,7 +217,7 @@ def experts_covered(experts, x: mx.array, top_k: int) -> bool:
         and _quant_ok(params[1], dims)
         and _quant_ok(params[2], hidden)
         and params[0][3:] == params[1][3:]
-        and hidden % (GATE_UP_WARPS * max(GATE_UP_ROWS, GATE_UP_ROWS_ONE_TOKEN)) == 0
+        and _gate_up_rows_fit(hidden)
         and dims % (DOWN_WARPS * DOWN_ROWS) == 0
     )
 
@@ -484,13 +489,13 @@ def linear_residual(layer, x: mx.array, residual: mx.array) -> mx.array:
 
 def linear_residual_covered(layer, x: mx.array, residual: mx.array) -> bool:
     # Exactly QuantizedLinear: a sharded layer (mx.distributed) must keep its own all-reduce.
+    tokens = residual.size // residual.shape[-1]
     return (
         type(layer) is nn.QuantizedLinear
         and _linear_ok(layer, x)
         and residual.dtype == x.dtype
-        and residual.size // residual.shape[-1]
-        == x.size // (layer["weight"].shape[-1] * 32 // layer.bits)
-        and residual.size // residual.shape[-1] <= LINEAR_MAX_TOKENS
+        and tokens == x.size // (layer["weight"].shape[-1] * 32 // layer.bits)
+        and tokens <= LINEAR_MAX_TOKENS
     )
 
 
@@ -522,7 +527,7 @@ def mlp_covered(mlp, x: mx.array) -> bool:
         _quant_ok(params[0], x.shape[-1])
         and params[0][3:] == params[1][3:]
         and _quant_ok(params[2], hidden)
-        and hidden % (GATE_UP_WARPS * max(GATE_UP_ROWS, GATE_UP_ROWS_ONE_TOKEN)) == 0
+        and _gate_up_rows_fit(hidden)
         and x.shape[-1] % (DOWN_WARPS * DOWN_ROWS) == 0
         and x.dtype in FLOAT_TYPES
         and x.size // x.shape[-1] <= MAX_DECODE_TOKENS

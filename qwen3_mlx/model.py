@@ -15,7 +15,6 @@ for a backend where graph nodes and BLAS calls, not bandwidth, set the speed.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from typing import Any
@@ -379,7 +378,7 @@ class CpuDecode:
         if not self.supported:
             return
         attn = body.layers[0].self_attn
-        self.inv_freq, self.position_scale = rope_frequencies(attn.rope, attn.head_dim)
+        self.inv_freq, self.position_scale = attn.rope.frequencies()
         self.consts = [self._layer_consts(layer) for layer in body.layers]
         self.moe_indices: dict = {}
         self.traced: set = set()
@@ -519,20 +518,6 @@ def embed_rows(embedding: nn.Module, tokens: mx.array) -> mx.array:
     return rows.reshape(*scales.shape[:-1], -1)
 
 
-def rope_frequencies(rope: RoPE, head_dim: int) -> tuple[mx.array, float]:
-    """(inverse frequencies, position scale) as mx.fast.rope computes them."""
-    if rope._periods is not None:
-        inv = mx.reciprocal(rope._periods.astype(mx.float32))
-        scale = 1.0
-    else:
-        half = head_dim // 2
-        step = mx.array(math.log(rope.base) / half, dtype=mx.float32)
-        inv = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * step)
-        scale = rope.scale
-    mx.eval(inv)
-    return inv, scale
-
-
 def step_mode() -> str:
     """QWEN3_MLX_COMPILE: 1/auto (compiled decode: CpuDecode on MLX's CPU backend with plain
     KV caches, else one compiled function per layer boundary), layer (always the latter) or 0.
@@ -560,50 +545,51 @@ class Qwen3Model(nn.Module):
     def __call__(self, inputs: mx.array, cache: list | None = None, input_embeddings=None):
         if input_embeddings is None and inputs.shape[1] == 1 and cache:
             step = self._cpu_step(cache)
-            if step is not None:
-                offset = mx.array(cache[0].offset, dtype=mx.int32)
-                try:
-                    step.trace(inputs, offset)
-                except Exception as exc:  # an op the backend cannot compile: the general step
-                    warnings.warn(f"CPU decode step unavailable: {exc}", stacklevel=2)
-                    object.__setattr__(self, "_cpu_step_failed", True)
-                else:
-                    return step(inputs, cache, offset)
+            offset = mx.array(cache[0].offset, dtype=mx.int32) if step is not None else None
+            if step is not None and self._traced(step, "_cpu_step_failed", inputs, offset):
+                return step(inputs, cache, offset)
         if cache and "_compiled_cpu" in self.__dict__:
             drop_transposed_keys(cache)  # the CPU step's copies go stale when written below
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
         if h.shape[1] == 1 and cache and all(c is not None for c in cache):
             step = self._decode_step()
-            if step is not None:
-                offset = _offset_array(cache[0])
-                try:
-                    step.trace(self, h, offset)
-                except Exception as exc:  # an op the backend cannot compile: run uncompiled
-                    warnings.warn(f"compiled decode step unavailable: {exc}", stacklevel=2)
-                    object.__setattr__(self, "_compile_failed", True)
-                else:
-                    return step(self, h, cache, offset)
+            offset = _offset_array(cache[0]) if step is not None else None
+            if step is not None and self._traced(step, "_compile_failed", self, h, offset):
+                return step(self, h, cache, offset)
         cache = cache or [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)
         return self.norm(h)
 
+    def _traced(self, step, failed_flag: str, *inputs) -> bool:
+        """Trace a compiled step for these inputs before any cache is touched; if the backend
+        cannot compile one of its ops, warn, remember it (`failed_flag`) and fall back."""
+        try:
+            step.trace(*inputs)
+        except Exception as exc:
+            warnings.warn(f"{type(step).__name__} unavailable: {exc}", stacklevel=3)
+            object.__setattr__(self, failed_flag, True)
+            return False
+        return True
+
+    def _compile_wanted(self) -> bool:
+        return self.compile_decode if self.compile_decode is not None else compile_enabled()
+
     def _cpu_step(self, cache: list) -> CpuDecode | None:
         """CpuDecode where it applies: CPU device, compiled decode on and not forced to the
         per-layer step, plain KV caches, stock layers."""
         if mx.default_device().type != mx.DeviceType.cpu or self.__dict__.get("_cpu_step_failed"):
             return None
-        mode = step_mode()
-        wanted = self.compile_decode if self.compile_decode is not None else mode != "0"
-        if not wanted or mode == "layer" or not all(type(c) is KVCache for c in cache):
+        if not self._compile_wanted() or step_mode() == "layer":
+            return None
+        if not all(type(c) is KVCache for c in cache):
             return None
         step = self._get_compiled("_compiled_cpu", CpuDecode)
         return step if step.supported else None
 
     def _decode_step(self) -> CompiledDecode | None:
-        wanted = self.compile_decode if self.compile_decode is not None else compile_enabled()
-        if not wanted or self.__dict__.get("_compile_failed"):
+        if not self._compile_wanted() or self.__dict__.get("_compile_failed"):
             return None
         return self._get_compiled("_compiled", CompiledDecode)
 

@@ -96,6 +96,19 @@ class RoPE(nn.Module):
             x, self.head_dim, traditional=False, base=self.base, scale=self.scale, offset=offset
         )
 
+    def frequencies(self) -> tuple[mx.array, float]:
+        """(inverse frequencies float32 (head_dim / 2), position scale), computed the way
+        mx.fast.rope's CPU fallback computes them (the CPU decode step matches it bitwise)."""
+        if self._periods is not None:
+            inv, scale = mx.reciprocal(self._periods.astype(mx.float32)), 1.0
+        else:
+            half = self.head_dim // 2
+            step = mx.array(math.log(self.base) / half, dtype=mx.float32)
+            inv = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * step)
+            scale = self.scale
+        mx.eval(inv)
+        return inv, scale
+
     @property
     def attention_scale(self) -> float:
         """Multiplier for the attention logits (YaRN's attention factor, squared)."""
