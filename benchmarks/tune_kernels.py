@@ -92,20 +92,29 @@ def sweep(constants: dict[str, list[int]]):
         yield dict(zip(names, values, strict=True))
 
 
+def _owner(name: str):
+    """(object, attribute) a setting names: a kernels.py constant, or "KVCache.step"."""
+    if name == "KVCache.step":
+        from mlx_lm.models.cache import KVCache
+
+        return KVCache, "step"
+    return kernels, name
+
+
 def with_constants(settings: dict, fn):
     """fn() with kernels.py constants (and QWEN3_MLX_* environment switches) set."""
     env = {k: v for k, v in settings.items() if k.startswith("QWEN3_MLX_")}
     constants = {k: v for k, v in settings.items() if k not in env}
-    saved = {name: getattr(kernels, name) for name in constants}
+    saved = {name: getattr(*_owner(name)) for name in constants}
     saved_env = {name: os.environ.get(name) for name in env}
     for name, value in constants.items():
-        setattr(kernels, name, value)
+        setattr(*_owner(name), value)
     os.environ.update(env)
     try:
         return fn()
     finally:
         for name, value in saved.items():
-            setattr(kernels, name, value)
+            setattr(*_owner(name), value)
         for name, value in saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -125,6 +134,15 @@ STEP_VARIANTS = {
     "down rows 4": {"DOWN_ROWS": 4},
     "gate_up PG=1": {"GATE_UP_PAIRS": 1},
     "router ref": {"QWEN3_MLX_ROUTER_KERNEL": "0"},
+    "router split 1": {"ROUTER_SPLIT": 1},
+    "router split 4": {"ROUTER_SPLIT": 4},
+    "prologue split 1": {"PROLOGUE_SPLIT": 1},
+    "prologue split 2": {"PROLOGUE_SPLIT": 2},
+    "unsplit": {"ROUTER_SPLIT": 1, "PROLOGUE_SPLIT": 1},
+    "prologue 2 tokens": {"PROLOGUE_TOKENS": 2},
+    # MLX's CUDA attention takes cuDNN for one query over a cache whose capacity is a
+    # multiple of 256 (mlx-lm's growth step) and its own vector kernel otherwise.
+    "cache step 257": {"KVCache.step": 257},
 }
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .errors import ConfigError
 
@@ -33,23 +34,23 @@ SOURCE_DIR = Path(__file__).with_name("kernel_sources")
 # name -> (input names, output names); bodies are SOURCE_DIR/<name>.inc
 SPECS: dict[str, tuple[list[str], list[str]]] = {
     "moe_router": (
-        ["x", "w", "scales", "biases", "norm_w", "eps"],
-        ["indices", "scores", "x_norm"],
+        ["x", "w", "scales", "biases", "norm_w", "tickets"],
+        ["indices", "scores", "x_norm", "logits"],
     ),
     "moe_gate_up": (["x", "idx", "wg", "sg", "bg", "wu", "su", "bu"], ["h"]),
     "moe_down": (["h", "idx", "scores", "w", "s", "b", "res"], ["y"]),
     "qk_norm_rope": (
-        ["q", "k", "v", "q_weight", "k_weight", "inv_freq", "offset", "eps"],
+        ["q", "k", "v", "q_weight", "k_weight", "inv_freq", "offset"],
         ["q_out", "k_out", "v_out"],
     ),
-    "add_rms_norm": (["a", "b", "weight", "eps"], ["s", "n"]),
+    "add_rms_norm": (["a", "b", "weight"], ["s", "n"]),
     "linear": (["x", "w", "s", "b", "res"], ["y"]),
     "attn_prologue": (
         [
             "x", "norm_w", "w", "scales", "biases", "q_weight", "k_weight", "inv_freq",
-            "offset", "eps",
+            "offset", "tickets",
         ],
-        ["q_out", "k_out", "v_out"],
+        ["q_out", "k_out", "v_out", "raw"],
     ),
 }  # fmt: skip
 
@@ -60,6 +61,8 @@ VERIFIED_BACKENDS = ("cuda",)
 MOE_BITS = (4, 8)
 MOE_GROUP_SIZES = (32, 64, 128)
 MAX_DECODE_TOKENS = 32  # tokens a decode kernel takes (gate+up lists pairs in threadgroup memory)
+# Arrival counters per split-kernel call site: one per (token, router) or (token group, head)
+TICKETS = 4096
 FLOAT_TYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 # Launch shapes (warps per threadgroup, output rows per warp).
@@ -76,11 +79,17 @@ LINEAR_TOKENS, LOGITS_TOKENS = 2, 8
 # variants of benchmarks/tune_kernels.py, h200_notes.md), so both cover every decode size.
 LINEAR_MAX_TOKENS = MAX_DECODE_TOKENS
 LOGITS_MAX_TOKENS = MAX_DECODE_TOKENS
+# The router's gate logits for one token are spread over ROUTER_SPLIT threadgroups (SMs) of
+# ROUTER_EXPERTS_PER_WARP experts per warp; the last to finish picks the top k.
+ROUTER_SPLIT, ROUTER_EXPERTS_PER_WARP = 8, 4
 ROPE_THREADS = 128
-PROLOGUE_THREADS = 1024
-MAX_LOADS_IN_FLIGHT = 32  # packed words per lane the prologue keeps in flight
-PROLOGUE_STAGE_BYTES = 24576  # staged, normalised activations (Metal allows 32 KB in all)
-PROLOGUE_MAX_ACC = 4  # accumulators per lane (rows x tokens): 1024 threads leave 64 registers
+# The attention prologue spreads each head's rows over PROLOGUE_SPLIT threadgroups (1: one
+# threadgroup per head), PROLOGUE_ROWS_PER_WARP rows per warp, at most PROLOGUE_THREADS.
+PROLOGUE_SPLIT, PROLOGUE_ROWS_PER_WARP = 4, 4
+PROLOGUE_THREADS = 256
+PROLOGUE_CHUNKS_IN_FLIGHT = 8  # 16-byte weight chunks per lane the prologue requests at once
+PROLOGUE_TOKENS = 4  # tokens sharing each weight load
+PROLOGUE_MAX_ACC = 8  # accumulators per lane (rows x tokens)
 
 
 def backend() -> str | None:
@@ -173,9 +182,29 @@ def _quant_ok(params, in_dims: int) -> bool:
     )
 
 
-def _router_threads(num_experts: int) -> int:
-    """One warp per expert up to 32 warps: more loads in flight on the token's one SM."""
-    return 32 * next(w for w in (32, 16, 8, 4, 2, 1) if num_experts % w == 0)
+def _router_shape(num_experts: int) -> tuple[int, int]:
+    """(threadgroups per token, threads per threadgroup) of the router kernel."""
+    split = next(s for s in (8, 4, 2, 1) if s <= ROUTER_SPLIT and num_experts % s == 0)
+    per_group = num_experts // split
+    warps = [w for w in (8, 4, 2) if per_group % w == 0]  # <= 256 threads: registers
+    warps = [w for w in warps if per_group // w >= ROUTER_EXPERTS_PER_WARP] or warps[-1:] or [1]
+    return split, 32 * warps[0]
+
+
+def tickets(owner) -> mx.array:
+    """Arrival counters of a split kernel's call site (`owner`: the layer it serves).
+
+    A split kernel's threadgroups take tickets from these counters in device memory, so
+    each call site needs its own set: launches that share counters must run one after the
+    other, which a layer's launches do (each depends on the previous layer's output).
+    Made outside any compile trace (`prepare`).
+    """
+    counters = owner.__dict__.get("_tickets")
+    if counters is None:
+        counters = mx.zeros((TICKETS,), mx.uint32)  # made on the device: device memory
+        mx.eval(counters)
+        object.__setattr__(owner, "_tickets", counters)
+    return counters
 
 
 def router_kernel_enabled() -> bool:
@@ -191,7 +220,7 @@ def router_covered(gate, x: mx.array, num_experts: int, top_k: int) -> bool:
         and _quant_ok(params, x.shape[-1])
         and x.dtype in FLOAT_TYPES
         and x.shape[-1] % 8 == 0
-        and top_k <= num_experts
+        and top_k <= min(num_experts, 32)
         and x.size // x.shape[-1] <= MAX_DECODE_TOKENS
     )
 
@@ -240,12 +269,12 @@ def moe_router(
     w, scales, biases, group_size, bits = affine_params(gate)
     dims = x.shape[-1]
     tokens, num_experts = x.size // dims, w.shape[0]
-    threads = _router_threads(num_experts)
-    norm_w, eps = _norm_inputs(norm, x.dtype)
+    split, threads = _router_shape(num_experts)
+    norm_w = norm.weight if norm is not None else _dummies(x.dtype)[0]
     shape = (*x.shape[:-1], top_k)
-    indices, scores, x_norm = _run(
+    indices, scores, x_norm, _ = _run(
         "moe_router",
-        inputs=[x, w, scales, biases, norm_w, eps],
+        inputs=[x, w, scales, biases, norm_w, tickets(gate)],
         template=[
             ("T", x.dtype),
             ("S", scales.dtype),
@@ -256,12 +285,19 @@ def moe_router(
             ("TOPK", top_k),
             ("NORM", bool(normalize)),
             ("NORM_IN", norm is not None),
+            ("EPS_BITS", float_bits(norm.eps if norm is not None else 0.0)),
             ("NT", threads),
+            ("SPLIT", split),
         ],
-        grid=(tokens * threads, 1, 1),
+        grid=(split * threads, tokens, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[shape, shape, x.shape if norm is not None else (1,)],
-        output_dtypes=[mx.uint32, mx.float32, x.dtype],
+        output_shapes=[
+            shape,
+            shape,
+            x.shape if norm is not None else (1,),
+            (tokens, num_experts),
+        ],
+        output_dtypes=[mx.uint32, mx.float32, x.dtype, mx.float32],
     )
     return indices, scores, x_norm if norm is not None else None
 
@@ -274,10 +310,14 @@ def _dummies(dtype) -> tuple[mx.array, mx.array]:
     return arrays
 
 
-def _norm_inputs(norm, dtype) -> tuple[mx.array, mx.array]:
-    if norm is None:
-        return _dummies(dtype)
-    return norm.weight, mx.array([norm.eps], mx.float32)
+def float_bits(value: float) -> int:
+    """A float32's bits as a template constant (kernels read it back with AS_FLOAT).
+
+    Norm epsilons are baked into the kernels rather than passed as arrays: MLX keeps arrays
+    of 8 bytes or less in host-side unified memory, and every GPU read of one crosses the
+    host link (run R/S on the H200: the kernels reading one waited on it for most of
+    their time)."""
+    return int(np.array(value, np.float32).view(np.int32))
 
 
 def moe_experts(
@@ -407,13 +447,17 @@ def _routing_to_one() -> tuple[mx.array, mx.array]:
 
 
 def prepare(model) -> None:
-    """Build, outside any compile trace, the constant views the dense kernels use."""
+    """Build, outside any compile trace, the constant views the dense kernels use and the
+    split kernels' arrival counters."""
     for dtype in FLOAT_TYPES:
         _dummies(dtype)
     _routing_to_one()
     for layer in model.layers:
+        tickets(layer.self_attn)
         layers = []
         mlp = layer.mlp
+        if hasattr(mlp, "gate"):
+            tickets(mlp.gate)
         if all(hasattr(mlp, name) for name in ("gate_proj", "up_proj")):
             if not hasattr(mlp, "switch_mlp"):
                 layers += [mlp.gate_proj, mlp.up_proj]
@@ -577,7 +621,7 @@ def qk_norm_rope(
     groups = (warps + warps_per_group - 1) // warps_per_group
     return _run(
         "qk_norm_rope",
-        inputs=[q, k, v, q_weight, k_weight, inv_freq, offset, mx.array([eps], mx.float32)],
+        inputs=[q, k, v, q_weight, k_weight, inv_freq, offset],
         template=[
             ("T", dtype),
             ("HQ", n_heads),
@@ -590,6 +634,7 @@ def qk_norm_rope(
             ("K_OFF", k_off),
             ("V_OFF", v_off),
             ("NT", ROPE_THREADS),
+            ("EPS_BITS", float_bits(eps)),
             ("PER_ROW_OFFSET", offset.size > 1),
         ],
         grid=(groups * ROPE_THREADS, 1, 1),
@@ -616,8 +661,8 @@ def add_rms_norm(
     rows = a.size // dims
     s, n = _run(
         "add_rms_norm",
-        inputs=[a.reshape(rows, dims), b.reshape(rows, dims), weight, mx.array([eps], mx.float32)],
-        template=[("T", a.dtype), ("D", dims), ("NT", threads)],
+        inputs=[a.reshape(rows, dims), b.reshape(rows, dims), weight],
+        template=[("T", a.dtype), ("D", dims), ("NT", threads), ("EPS_BITS", float_bits(eps))],
         grid=(rows * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(rows, dims), (rows, dims)],
@@ -626,13 +671,22 @@ def add_rms_norm(
     return s.reshape(a.shape), n.reshape(a.shape)
 
 
-def prologue_covered(qkv, x: mx.array, head_dim: int) -> bool:
-    """Whether the fused q/k/v projection (a FusedLinear) can run in the prologue kernel."""
+def _prologue_shape(head_dim: int) -> tuple[int, int]:
+    """(threadgroups per head, threads per threadgroup) of the attention prologue."""
+    split = next(s for s in (8, 4, 2, 1) if s <= PROLOGUE_SPLIT and head_dim % (32 * s) == 0)
+    warps = head_dim // split // PROLOGUE_ROWS_PER_WARP
+    return split, min(PROLOGUE_THREADS, 32 * max(1, warps))
+
+
+def prologue_covered(qkv, x: mx.array, attn) -> bool:
+    """Whether the fused q/k/v projection (a FusedLinear) of `attn` can run in the prologue
+    kernel."""
     if qkv is None or qkv.quant is None or qkv.quant.get("mode", "affine") != "affine":
         return False
     bits, group_size = qkv.quant["bits"], qkv.quant["group_size"]
-    dims = x.shape[-1]
-    threads = min(PROLOGUE_THREADS, 32 * head_dim)
+    dims, head_dim = x.shape[-1], attn.head_dim
+    split, threads = _prologue_shape(head_dim)
+    tokens = x.size // dims
     return (
         bits in MOE_BITS
         and group_size in MOE_GROUP_SIZES
@@ -640,10 +694,10 @@ def prologue_covered(qkv, x: mx.array, head_dim: int) -> bool:
         and qkv.params["scales"].dtype in FLOAT_TYPES
         and x.dtype in FLOAT_TYPES
         and dims % group_size == 0
-        and (dims * bits // 32) % 32 == 0
         and head_dim % 64 == 0
-        and head_dim % (threads // 32) == 0
-        and x.size // dims <= MAX_DECODE_TOKENS
+        and (head_dim // split) % (threads // 32) == 0
+        and tokens <= MAX_DECODE_TOKENS
+        and tokens * (attn.n_heads + attn.n_kv_heads) <= TICKETS
     )
 
 
@@ -659,26 +713,24 @@ def attn_prologue(
     bits, group_size = quant["bits"], quant["group_size"]
     batch, seq, dims = x.shape
     n_heads, n_kv, head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    threads = min(PROLOGUE_THREADS, 32 * head_dim)
-    rows_per_warp = head_dim // (threads // 32)
-    words_per_lane = dims * bits // 32 // 32
+    split, threads = _prologue_shape(head_dim)
+    rows_per_warp = head_dim // split // (threads // 32)
+    chunks_per_lane = -(-dims * bits // 128 // 32)
+    # A chunk in flight holds ~6 registers (4 packed words, scale, bias) of the 64K per SM.
+    in_flight = min(PROLOGUE_CHUNKS_IN_FLIGHT, max(1, (65536 // threads - 48) // 6))
     tokens = batch * seq
-    # Tokens sharing each weight load: as many as fit PROLOGUE_STAGE_BYTES of staged floats.
-    per_group = max(
-        1, min(tokens, threads // 32, PROLOGUE_MAX_ACC, PROLOGUE_STAGE_BYTES // (4 * dims))
-    )
+    per_group = max(1, min(tokens, threads // 32, PROLOGUE_TOKENS, PROLOGUE_MAX_ACC))
     unroll = next(
         (
             u
             for u in (8, 4, 2)
             if rows_per_warp % u == 0
             and u * per_group <= PROLOGUE_MAX_ACC
-            and u * words_per_lane <= MAX_LOADS_IN_FLIGHT
+            and u * chunks_per_lane <= in_flight
         ),
         1,
     )
-    eps = mx.array([input_norm.eps, attn.q_norm.eps], mx.float32)
-    return _run(
+    q, k, v, _ = _run(
         "attn_prologue",
         inputs=[
             x,
@@ -690,7 +742,7 @@ def attn_prologue(
             attn.k_norm.weight,
             attn.inv_freq(),
             offset,
-            eps,
+            tickets(attn),
         ],  # fmt: skip
         template=[
             ("T", x.dtype),
@@ -704,14 +756,19 @@ def attn_prologue(
             ("NT", threads),
             ("RU", unroll),
             ("TB", per_group),
+            ("SPLIT", split),
+            ("EPS_IN_BITS", float_bits(input_norm.eps)),
+            ("EPS_HEAD_BITS", float_bits(attn.q_norm.eps)),
             ("PER_ROW_OFFSET", offset.size > 1),
         ],
-        grid=((n_heads + 2 * n_kv) * threads, -(-tokens // per_group), 1),
+        grid=((n_heads + 2 * n_kv) * split * threads, -(-tokens // per_group), 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[
             (batch, n_heads, seq, head_dim),
             (batch, n_kv, seq, head_dim),
             (batch, n_kv, seq, head_dim),
+            (tokens, (n_heads + n_kv) * head_dim) if split > 1 else (1,),
         ],
-        output_dtypes=[x.dtype, x.dtype, x.dtype],
+        output_dtypes=[x.dtype, x.dtype, x.dtype, mx.float32],
     )
+    return q, k, v

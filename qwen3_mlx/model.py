@@ -256,7 +256,7 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn
         if fused.enabled():
             qkv = fuse(attn, "_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
-            if fused.prologue_covered(qkv, x, attn.head_dim):
+            if fused.prologue_covered(qkv, x, attn):
                 offset = offset if isinstance(offset, mx.array) else mx.array(offset, mx.int32)
                 return fused.attn_prologue(x, self.input_layernorm, qkv, attn, offset)
         return attn.project(self.input_layernorm(x), offset)

@@ -4,6 +4,9 @@
 // first; w = scale * q + bias per group of GS consecutive inputs. A 16-byte chunk (uint4)
 // holds 128/BITS values, always inside one group for GS >= 32.
 
+// 16-byte weight chunks per lane and row a kernel keeps in flight at once (see linear.inc).
+constexpr int CHUNKS_IN_FLIGHT = 8;
+
 // The dot products below never convert an integer to a float: NVIDIA GPUs run that
 // conversion at 1/8 of the FMA rate, and it bound every quantized matrix-vector product here.
 // Instead each q is moved into the top mantissa bits of 1.0f (a shift and one and/or), which

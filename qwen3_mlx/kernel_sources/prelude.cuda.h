@@ -31,6 +31,37 @@ DEVICE_FN int popcount(uint32_t v) {
   return __popc(v);
 }
 
+DEVICE_FN float warp_max(float v) {
+  UNROLL for (int m = 16; m > 0; m >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  }
+  return v;
+}
+
+// Lane (lane ^ m)'s value.
+DEVICE_FN float shuffle_xor(float v, int m) {
+  return __shfl_xor_sync(0xffffffffu, v, m);
+}
+
+DEVICE_FN int shuffle_xor(int v, int m) {
+  return __shfl_xor_sync(0xffffffffu, v, m);
+}
+
+// Split kernels: the threadgroups that share one result each take a ticket from a counter
+// in device memory; the one that draws the last ticket finishes the work. DEVICE_FENCE makes
+// a thread's device-memory writes visible to every threadgroup before its ticket is drawn,
+// and load_coherent reads another threadgroup's writes past the (non-coherent) L1 cache.
+#define DEVICE_FENCE() __threadfence()
+#define BARRIER_DEVICE() __syncthreads()
+
+DEVICE_FN uint32_t take_ticket(const uint32_t* counter) {
+  return atomicAdd(const_cast<uint32_t*>(counter), 1u);
+}
+
+DEVICE_FN float load_coherent(const float* p) {
+  return __ldcg(p);
+}
+
 // Eight consecutive activations as floats; p is 16-byte aligned.
 DEVICE_FN void load8(const __nv_bfloat16* p, float* o) {
   const uint4 u = *reinterpret_cast<const uint4*>(p);

@@ -23,6 +23,32 @@ DEVICE_FN uint32_t warp_ballot(bool p) {
   return uint32_t(static_cast<ulong>(simd_ballot(p)));
 }
 
+DEVICE_FN float warp_max(float v) {
+  return simd_max(v);
+}
+
+// Lane (lane ^ m)'s value.
+DEVICE_FN float shuffle_xor(float v, int m) {
+  return simd_shuffle_xor(v, ushort(m));
+}
+
+DEVICE_FN int shuffle_xor(int v, int m) {
+  return simd_shuffle_xor(v, ushort(m));
+}
+
+// Split kernels (see prelude.cuda.h): tickets from a device-memory counter, a device-scope
+// fence before a ticket is drawn, and plain loads of other threadgroups' writes after it.
+#define DEVICE_FENCE() atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device)
+#define BARRIER_DEVICE() threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup)
+
+DEVICE_FN uint32_t take_ticket(const device uint32_t* counter) {
+  return atomic_fetch_add_explicit((device atomic_uint*)counter, 1u, memory_order_relaxed);
+}
+
+DEVICE_FN float load_coherent(const device float* p) {
+  return *((const volatile device float*)p);
+}
+
 // Eight consecutive activations as floats; p is 16-byte aligned.
 DEVICE_FN void load8(const device bfloat16_t* p, thread float* o) {
   const uint4 u = *((const device uint4*)p);
