@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -150,6 +151,15 @@ def test_sources_share_one_body_per_kernel():
         assert metal_body.endswith(body) and cuda_body.endswith(body)
         assert "threadIdx" in cuda_body and "thread_index_in_threadgroup" in metal_body
         assert "uint " not in cuda_body + cuda_header  # CUDA has no Metal `uint`
+    # Both preludes define the same vocabulary (macros and helper functions) for the bodies.
+    vocab = {}
+    for backend_name in ("cuda", "metal"):
+        text = (kernels.SOURCE_DIR / f"prelude.{backend_name}.h").read_text()
+        macros = re.findall(r"^#define (\w+)", text, re.M)
+        helpers = re.findall(r"^DEVICE_FN [\w ]+? (\w+)\(", text, re.M)
+        vocab[backend_name] = set(macros) | set(helpers)
+    assert vocab["cuda"] == vocab["metal"] | {"popcount"}  # a Metal built-in
+    assert {"take_ticket", "DEVICE_FENCE", "load_coherent", "warp_max"} <= vocab["cuda"]
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     data = pyproject["tool"]["setuptools"]["package-data"]["qwen3_mlx"]
     assert any(pattern.startswith("kernel_sources/") for pattern in data)
