@@ -388,6 +388,25 @@ def test_router_kernel_hands_on_the_normalised_input(tokens):
     assert idx.shape == (tokens, 1, 8)
 
 
+def _wide_layer(n_heads: int):
+    """A quantized bf16 dense decoder layer of width 2048 (4 kv heads of 128), q/k norms set."""
+    from qwen3_mlx.config import ModelArgs
+    from qwen3_mlx.model import DecoderLayer
+
+    args = ModelArgs.from_dict(
+        dict(model_type="qwen3", hidden_size=2048, num_hidden_layers=1,
+             num_attention_heads=n_heads, num_key_value_heads=4, head_dim=128, vocab_size=64,
+             intermediate_size=256)
+    )  # fmt: skip
+    layer = DecoderLayer(args, 0)
+    nn.quantize(layer, 64, 4)
+    layer.set_dtype(mx.bfloat16)
+    for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+        norm.weight = (1 + 0.1 * mx.random.normal((128,))).astype(mx.bfloat16)
+    mx.eval(layer.parameters())
+    return layer
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("tokens", [1, 8, 32])
@@ -419,19 +438,8 @@ def test_split_router_equals_one_threadgroup_per_token(tokens, monkeypatch):
 def test_split_prologue_equals_one_threadgroup_per_head(tokens, monkeypatch):
     """A head's rows over several threadgroups (the last normalises and rotates the head)
     gives bitwise the same q, k, v as one threadgroup per head, launch after launch."""
-    from qwen3_mlx.config import ModelArgs
-    from qwen3_mlx.model import DecoderLayer
-
-    args = ModelArgs.from_dict(
-        dict(model_type="qwen3", hidden_size=2048, num_hidden_layers=1, num_attention_heads=32,
-             num_key_value_heads=4, head_dim=128, vocab_size=64, intermediate_size=256)
-    )  # fmt: skip
     mx.random.seed(tokens)
-    layer = DecoderLayer(args, 0)
-    nn.quantize(layer, 64, 4)
-    layer.set_dtype(mx.bfloat16)
-    layer.self_attn.q_norm.weight = (1 + 0.1 * mx.random.normal((128,))).astype(mx.bfloat16)
-    mx.eval(layer.parameters())
+    layer = _wide_layer(n_heads=32)
     x = mx.random.normal((tokens, 1, 2048)).astype(mx.bfloat16)
     offset = mx.arange(tokens, dtype=mx.int32) * 53 + 9
     monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
@@ -532,18 +540,7 @@ def test_linear_kernel_matches_reference(tokens, bits, group_size):
 @pytest.mark.parametrize("tokens", [2, 7])
 def test_attention_prologue_token_groups(tokens, monkeypatch):
     """Width 2048: three tokens share each weight load, so 7 tokens leave a partial group."""
-    from qwen3_mlx.config import ModelArgs
-    from qwen3_mlx.model import DecoderLayer
-
-    args = ModelArgs.from_dict(
-        dict(model_type="qwen3", hidden_size=2048, num_hidden_layers=1, num_attention_heads=16,
-             num_key_value_heads=4, head_dim=128, vocab_size=64, intermediate_size=256)
-    )  # fmt: skip
-    layer = DecoderLayer(args, 0)
-    nn.quantize(layer, 64, 4)
-    layer.set_dtype(mx.bfloat16)
-    layer.self_attn.k_norm.weight = (1 + 0.1 * mx.random.normal((128,))).astype(mx.bfloat16)
-    mx.eval(layer.parameters())
+    layer = _wide_layer(n_heads=16)
     x = mx.random.normal((tokens, 1, 2048)).astype(mx.bfloat16)
     offset = mx.arange(3, 3 + tokens, dtype=mx.int32) * 37
     out, ref = _both(lambda: layer.start(x, offset), monkeypatch)
