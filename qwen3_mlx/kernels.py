@@ -82,6 +82,10 @@ LOGITS_MAX_TOKENS = MAX_DECODE_TOKENS
 # The router's gate logits for one token are spread over ROUTER_SPLIT threadgroups (SMs) of
 # ROUTER_EXPERTS_PER_WARP experts per warp; the last to finish picks the top k.
 ROUTER_SPLIT, ROUTER_EXPERTS_PER_WARP = 8, 4
+# Backends where split kernels hand work across threadgroups (tickets, device-scope fences).
+# Metal's hand-off (Metal 3.2 fences; maybe coherent(device) buffers) is unvalidated, so
+# there the router and prologue keep one threadgroup per token / head.
+SPLIT_BACKENDS = ("cuda",)
 ROPE_THREADS = 128
 # The attention prologue spreads each head's rows over PROLOGUE_SPLIT threadgroups (1: one
 # threadgroup per head), PROLOGUE_ROWS_PER_WARP rows per warp, at most PROLOGUE_THREADS.
@@ -184,7 +188,8 @@ def _quant_ok(params, in_dims: int) -> bool:
 
 def _router_shape(num_experts: int) -> tuple[int, int]:
     """(threadgroups per token, threads per threadgroup) of the router kernel."""
-    split = next(s for s in (8, 4, 2, 1) if s <= ROUTER_SPLIT and num_experts % s == 0)
+    most = ROUTER_SPLIT if backend() in SPLIT_BACKENDS else 1
+    split = next(s for s in (8, 4, 2, 1) if s <= most and num_experts % s == 0)
     per_group = num_experts // split
     warps = [w for w in (8, 4, 2) if per_group % w == 0]  # <= 256 threads: registers
     warps = [w for w in warps if per_group // w >= ROUTER_EXPERTS_PER_WARP] or warps[-1:] or [1]
@@ -673,7 +678,8 @@ def add_rms_norm(
 
 def _prologue_shape(head_dim: int) -> tuple[int, int]:
     """(threadgroups per head, threads per threadgroup) of the attention prologue."""
-    split = next(s for s in (8, 4, 2, 1) if s <= PROLOGUE_SPLIT and head_dim % (32 * s) == 0)
+    most = PROLOGUE_SPLIT if backend() in SPLIT_BACKENDS else 1
+    split = next(s for s in (8, 4, 2, 1) if s <= most and head_dim % (32 * s) == 0)
     warps = head_dim // split // PROLOGUE_ROWS_PER_WARP
     return split, min(PROLOGUE_THREADS, 32 * max(1, warps))
 

@@ -128,9 +128,13 @@ def test_cpu_falls_back_to_reference(monkeypatch):
             block(x)
 
 
-def test_split_launch_shapes():
-    """The router spreads a token over 8 threadgroups and the prologue a head over 4, each
-    within the register budget their loads-in-flight design assumes (<= 256 threads)."""
+def test_split_launch_shapes(monkeypatch):
+    """On CUDA the router spreads a token over 8 threadgroups and the prologue a head over 4,
+    each within the register budget their loads-in-flight design assumes (<= 256 threads);
+    elsewhere (Metal: the hand-off is unvalidated) they keep one threadgroup each."""
+    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    assert kernels._router_shape(128) == (1, 256) and kernels._prologue_shape(128) == (1, 256)
+    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
     assert kernels._router_shape(128) == (8, 128)
     assert kernels._router_shape(64) == (8, 64)
     assert kernels._router_shape(16)[0] == 8
