@@ -186,10 +186,16 @@ def _quant_ok(params, in_dims: int) -> bool:
     )
 
 
+def _split(limit: int, fits) -> int:
+    """Threadgroups (8, 4, 2 or 1, at most `limit`, `fits(n)`) a split kernel spreads one
+    token's or head's work over; 1 on backends without the cross-threadgroup hand-off."""
+    most = limit if backend() in SPLIT_BACKENDS else 1
+    return next(n for n in (8, 4, 2, 1) if n <= most and fits(n))
+
+
 def _router_shape(num_experts: int) -> tuple[int, int]:
     """(threadgroups per token, threads per threadgroup) of the router kernel."""
-    most = ROUTER_SPLIT if backend() in SPLIT_BACKENDS else 1
-    split = next(s for s in (8, 4, 2, 1) if s <= most and num_experts % s == 0)
+    split = _split(ROUTER_SPLIT, lambda n: num_experts % n == 0)
     per_group = num_experts // split
     warps = [w for w in (8, 4, 2) if per_group % w == 0]  # <= 256 threads: registers
     warps = [w for w in warps if per_group // w >= ROUTER_EXPERTS_PER_WARP] or warps[-1:] or [1]
@@ -275,7 +281,7 @@ def moe_router(
     dims = x.shape[-1]
     tokens, num_experts = x.size // dims, w.shape[0]
     split, threads = _router_shape(num_experts)
-    norm_w = norm.weight if norm is not None else _dummies(x.dtype)[0]
+    norm_w = norm.weight if norm is not None else _dummy(x.dtype)
     shape = (*x.shape[:-1], top_k)
     indices, scores, x_norm, _ = _run(
         "moe_router",
@@ -308,11 +314,11 @@ def moe_router(
 
 
 @functools.cache
-def _dummies(dtype) -> tuple[mx.array, mx.array]:
-    """Placeholders for unused kernel inputs (never read)."""
-    arrays = mx.zeros((8,), dtype), mx.zeros((1,), mx.float32)
-    mx.eval(arrays)
-    return arrays
+def _dummy(dtype) -> mx.array:
+    """A placeholder for an unused kernel input (never read)."""
+    array = mx.zeros((8,), dtype)
+    mx.eval(array)
+    return array
 
 
 def float_bits(value: float) -> int:
@@ -385,7 +391,7 @@ def down(h, indices, scores, params, out_shape, residual=None):
     tokens = h.size // (hidden * top_k)
     has_res = residual is not None
     dtype = h.dtype
-    res = residual if has_res else _dummies(dtype)[0]
+    res = residual if has_res else _dummy(dtype)
     if scores.dtype != mx.float32:
         scores = scores.astype(mx.float32)
     (y,) = _run(
@@ -455,7 +461,7 @@ def prepare(model) -> None:
     """Build, outside any compile trace, the constant views the dense kernels use and the
     split kernels' arrival counters."""
     for dtype in FLOAT_TYPES:
-        _dummies(dtype)
+        _dummy(dtype)
     _routing_to_one()
     for layer in model.layers:
         tickets(layer.self_attn)
@@ -491,7 +497,7 @@ def linear(
     has_res = residual is not None
     (y,) = _run(
         "linear",
-        inputs=[x, w, scales, biases, residual if has_res else _dummies(x.dtype)[0]],
+        inputs=[x, w, scales, biases, residual if has_res else _dummy(x.dtype)],
         template=[
             ("T", x.dtype),
             ("S", scales.dtype),
@@ -678,8 +684,7 @@ def add_rms_norm(
 
 def _prologue_shape(head_dim: int) -> tuple[int, int]:
     """(threadgroups per head, threads per threadgroup) of the attention prologue."""
-    most = PROLOGUE_SPLIT if backend() in SPLIT_BACKENDS else 1
-    split = next(s for s in (8, 4, 2, 1) if s <= most and head_dim % (32 * s) == 0)
+    split = _split(PROLOGUE_SPLIT, lambda n: head_dim % (32 * n) == 0)
     warps = head_dim // split // PROLOGUE_ROWS_PER_WARP
     return split, min(PROLOGUE_THREADS, 32 * max(1, warps))
 

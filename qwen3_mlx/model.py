@@ -144,15 +144,9 @@ class Attention(nn.Module):
     def inv_freq(self) -> mx.array:
         """RoPE inverse frequencies with the position scale folded in (for the fused kernel)."""
         if "_inv_freq" not in self:
-            rope = self.rope
-            if rope._periods is not None:
-                inv = 1.0 / rope._periods
-            else:
-                exponents = mx.arange(0, self.head_dim, 2, dtype=mx.float32) / self.head_dim
-                inv = rope.scale * mx.power(rope.base, -exponents)
-            inv = inv.astype(mx.float32)
-            mx.eval(inv)
-            self._inv_freq = inv
+            inv, scale = self.rope.frequencies()
+            self._inv_freq = inv * scale
+            mx.eval(self._inv_freq)
         return self._inv_freq
 
     def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
