@@ -16,7 +16,9 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import statistics
+import sys
 import time
 
 import mlx.core as mx
@@ -143,6 +145,12 @@ STEP_VARIANTS = {
     # MLX's CUDA attention takes cuDNN for one query over a cache whose capacity is a
     # multiple of 256 (mlx-lm's growth step) and its own vector kernel otherwise.
     "cache step 257": {"KVCache.step": 257},
+    "sdpa attention": {"QWEN3_MLX_ATTENTION_KERNEL": "0"},
+    "attn heads 4": {"ATTENTION_HEADS": 4},
+    "attn threads 128": {"ATTENTION_THREADS": 128},
+    "attn splits 16": {"ATTENTION_MAX_SPLITS": 16},
+    "attn from 1": {"ATTENTION_MIN_KEYS": 1},
+    "attn keys 16": {"ATTENTION_SPLIT_KEYS": 16},
 }
 
 
@@ -193,7 +201,10 @@ def main(argv=None):
     if kernels.backend() is None:
         raise SystemExit("tune_kernels needs a GPU backend (CUDA or Metal)")
     token_counts = [int(t) for t in args.tokens.split(",")]
-    results = {"mlx": mx.__version__, "command": "python -m benchmarks.tune_kernels", "runs": []}
+    command = "python -m benchmarks.tune_kernels " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    results = {"mlx": mx.__version__, "command": command, "prompt": args.prompt, "runs": []}
 
     def record(**row):
         results["runs"].append(row)

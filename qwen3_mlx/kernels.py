@@ -11,6 +11,7 @@ Switches (environment, read at call time; "auto" is the default):
   QWEN3_MLX_KERNELS=0|1|auto       all fused kernels
   QWEN3_MLX_MOE_KERNELS=0|1|auto   the MoE kernels (router, gate+up, down); overrides the above
   QWEN3_MLX_ROUTER_KERNEL=0        route on the reference ops, the other kernels still fused
+  QWEN3_MLX_ATTENTION_KERNEL=0     decode attention through MLX's scaled_dot_product_attention
 "0" forces the reference ops, "1" demands the kernels (an error on a backend without them),
 "auto" uses them wherever the shape is covered on a backend where they have been verified:
 CUDA (checked on an H200). The Metal build follows the same bodies but has not yet been
@@ -20,12 +21,14 @@ compiled or run on an Apple GPU, so there it is opt-in (QWEN3_MLX_KERNELS=1) unt
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import KVCache
 
 from .errors import ConfigError
 
@@ -52,7 +55,11 @@ SPECS: dict[str, tuple[list[str], list[str]]] = {
         ],
         ["q_out", "k_out", "v_out", "raw"],
     ),
+    "decode_attention": (["q", "keys", "values", "tickets"], ["out", "partial", "stats"]),
 }  # fmt: skip
+# Kernels that read some inputs as strided views (through their shape and strides) rather
+# than have MLX copy them to row-major first: the KV cache's [..., :length, :] slices.
+STRIDED_INPUTS = ("decode_attention",)
 
 # Backends whose kernel builds have been run and checked (tests/test_kernels.py -m gpu).
 VERIFIED_BACKENDS = ("cuda",)
@@ -94,6 +101,18 @@ PROLOGUE_THREADS = 256
 PROLOGUE_CHUNKS_IN_FLIGHT = 8  # 16-byte weight chunks per lane the prologue requests at once
 PROLOGUE_TOKENS = 4  # tokens sharing each weight load
 PROLOGUE_MAX_ACC = 8  # accumulators per lane (rows x tokens)
+# Decode attention: keys per split of the cache, at most MAX splits (a power of two: the
+# arrival counters wrap at 2^32; <= 32: the merge gives each split a lane), query heads per
+# threadgroup, threads per threadgroup (256: the H200 profile of 128 showed one warp per
+# scheduler, stalled on latency; there are only splits x KV heads threadgroups at batch 1).
+ATTENTION_SPLIT_KEYS, ATTENTION_MAX_SPLITS = 32, 32
+ATTENTION_HEADS, ATTENTION_THREADS = 8, 256
+# Shorter caches stay on MLX's attention: its vector kernel takes ~10 us per 30B layer at 128
+# keys on the H200 and is cheaper to dispatch (this kernel is called outside the compiled
+# steps, where MLX rebuilds a custom kernel's source text at every call). From 256 keys on
+# MLX switches to cuDNN (21 us per layer at 2048 keys; this kernel 12.9 us).
+ATTENTION_MIN_KEYS = 1024
+LOG2_E = math.log2(math.e)  # the kernel's softmax runs in base 2
 
 
 def backend() -> str | None:
@@ -154,6 +173,7 @@ def _kernel(name: str, backend_name: str):
         output_names=outputs,
         source=body,
         header=header,
+        ensure_row_contiguous=name not in STRIDED_INPUTS,
     )
 
 
@@ -202,19 +222,21 @@ def _router_shape(num_experts: int) -> tuple[int, int]:
     return split, 32 * warps[0]
 
 
-def tickets(owner) -> mx.array:
-    """Arrival counters of a split kernel's call site (`owner`: the layer it serves).
+def tickets(owner, site: str = "") -> mx.array:
+    """Arrival counters of a split kernel's call site (`owner`: the layer it serves; `site`
+    tells apart the kernels of one layer).
 
     A split kernel's threadgroups take tickets from these counters in device memory, so
     each call site needs its own set: launches that share counters must run one after the
     other, which a layer's launches do (each depends on the previous layer's output).
     Made outside any compile trace (`prepare`).
     """
-    counters = owner.__dict__.get("_tickets")
+    attr = f"_tickets{site}"
+    counters = owner.__dict__.get(attr)
     if counters is None:
         counters = mx.zeros((TICKETS,), mx.uint32)  # made on the device: device memory
         mx.eval(counters)
-        object.__setattr__(owner, "_tickets", counters)
+        object.__setattr__(owner, attr, counters)
     return counters
 
 
@@ -321,6 +343,7 @@ def _dummy(dtype) -> mx.array:
     return array
 
 
+@functools.cache
 def float_bits(value: float) -> int:
     """A float32's bits as a template constant (kernels read it back with AS_FLOAT).
 
@@ -465,6 +488,7 @@ def prepare(model) -> None:
     _routing_to_one()
     for layer in model.layers:
         tickets(layer.self_attn)
+        tickets(layer.self_attn, _attention_site())
         layers = []
         mlp = layer.mlp
         if hasattr(mlp, "gate"):
@@ -783,3 +807,93 @@ def attn_prologue(
         output_dtypes=[x.dtype, x.dtype, x.dtype, mx.float32],
     )
     return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode attention
+
+
+def attention_splits(length: int) -> int:
+    """Threadgroups the decode attention spreads a cache of `length` keys over (the kernel
+    derives the same number from the keys' shape)."""
+    return min(ATTENTION_MAX_SPLITS, -(-length // ATTENTION_SPLIT_KEYS))
+
+
+def _attention_threads(per_group: int, head_dim: int) -> int:
+    """ATTENTION_THREADS, halved while the warps' partials would overflow threadgroup memory
+    (32 KB on Apple GPUs; 48 KB of static shared memory on CUDA)."""
+    limit = 32768 if backend() == "metal" else 49152
+    threads = ATTENTION_THREADS
+    while (
+        threads > 32
+        and (threads // 32 * (head_dim + 2) + ATTENTION_MAX_SPLITS) * per_group * 4 > limit - 64
+    ):
+        threads //= 2
+    return threads
+
+
+def _attention_site() -> str:
+    # Launches add ATTENTION_MAX_SPLITS to each counter they use; another cap (a tuning run)
+    # needs counters of its own.
+    return f"attention/{ATTENTION_MAX_SPLITS}"
+
+
+def decode_attention_covered(q: mx.array, keys, values, mask, cache) -> bool:
+    """One query per row over a plain KV cache (mlx-lm's KVCache: its keys and values are
+    [..., :length, :] views with unit stride over head_dim), no mask, from ATTENTION_MIN_KEYS
+    keys, on backends with the cross-threadgroup hand-off (SPLIT_BACKENDS: one threadgroup
+    per KV head would leave a long cache to a handful of threadgroups)."""
+    if type(cache) is not KVCache or mask is not None or not isinstance(keys, mx.array):
+        return False
+    if backend() not in SPLIT_BACKENDS:
+        return False
+    if _switch("QWEN3_MLX_ATTENTION_KERNEL") == "0":
+        return False
+    batch, heads, queries, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    return (
+        queries == 1
+        and keys.ndim == 4
+        and keys.shape[2] >= ATTENTION_MIN_KEYS
+        and keys.shape == values.shape
+        and keys.shape[0] == batch
+        and keys.shape[3] == head_dim
+        and head_dim % 128 == 0
+        and heads % kv_heads == 0
+        and q.dtype in FLOAT_TYPES
+        and keys.dtype == q.dtype == values.dtype
+        and batch * heads <= TICKETS
+    )
+
+
+def decode_attention(q: mx.array, keys: mx.array, values: mx.array, scale: float, owner):
+    """softmax(scale * q K^T) V for one query per row; (B, H, 1, D) like q, one launch.
+    `owner` (the attention layer) holds the call site's arrival counters."""
+    batch, heads, _, head_dim = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    per_group = next(n for n in (ATTENTION_HEADS, 4, 2, 1) if group % n == 0)
+    rows = batch * heads // per_group
+    splits = attention_splits(length)
+    threads = _attention_threads(per_group, head_dim)
+    scratch = rows * ATTENTION_MAX_SPLITS * per_group if splits > 1 else 1
+    out, _, _ = _run(
+        "decode_attention",
+        inputs=[q, keys, values, tickets(owner, _attention_site())],
+        template=[
+            ("T", q.dtype),
+            ("D", head_dim),
+            ("G", group),
+            ("HG", per_group),
+            ("NT", threads),
+            ("SPLIT_KEYS", ATTENTION_SPLIT_KEYS),
+            ("MAX_SPLITS", ATTENTION_MAX_SPLITS),
+            ("SCALE_BITS", float_bits(scale * LOG2_E)),
+        ],
+        grid=(splits * threads, rows, 1),
+        threadgroup=(threads, 1, 1),
+        # The partials are scratch, needed only with several splits.
+        output_shapes=[q.shape, (scratch, head_dim), (scratch, 2)],
+        output_dtypes=[q.dtype, mx.float32, mx.float32],
+    )
+    return out

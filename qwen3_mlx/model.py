@@ -183,6 +183,12 @@ class Attention(nn.Module):
     def attend(self, q, keys, values, mask: Any, cache: Any, merge: bool = True) -> mx.array:
         """Attention over the cache's keys/values; (B, heads, L, hd) → (B, L, heads * hd),
         or left as (B, heads, L, hd) with merge=False (the decode kernels read it as is)."""
+        if (
+            not merge
+            and fused.enabled()
+            and fused.decode_attention_covered(q, keys, values, mask, cache)
+        ):
+            return fused.decode_attention(q, keys, values, self.scale, self)
         out = scaled_dot_product_attention(
             q, keys, values, cache=cache, scale=self.scale, mask=mask
         )

@@ -219,10 +219,14 @@ def test_prefill_layout_switch(monkeypatch):
     assert prefill_layout(64, 128) == "per-pair"
 
 
-def tiny_model(dtype=mx.float32, bits=4, group_size=64, seed=0, dense=False, tied=False):
+def tiny_model(
+    dtype=mx.float32, bits=4, group_size=64, seed=0, dense=False, tied=False, head_dim=None
+):
     from benchmarks.models import PRESETS, random_weights, skeleton
 
     config = dict(PRESETS["tiny"], num_hidden_layers=2, vocab_size=512, tie_word_embeddings=tied)
+    if head_dim:
+        config.update(head_dim=head_dim)
     if dense:
         config.update(model_type="qwen3", num_experts=0, intermediate_size=512)
     model = skeleton("ours", config, bits, group_size)
@@ -706,3 +710,124 @@ def _near_ties(layer, attn, x) -> np.ndarray:
     k = mlp.top_k
     cut = ordered[:, k - 1]
     return cut - ordered[:, k] < 2e-2 * np.maximum(1.0, np.abs(cut))
+
+
+def test_decode_attention_coverage(monkeypatch):
+    """The decode attention kernel takes one query over a plain KV cache's views, no mask;
+    its split count follows the cache length (the kernel derives the same from the shape)."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+
+    assert [kernels.attention_splits(n) for n in (1, 32, 33, 100, 1024, 2048, 10**6)] == [
+        1, 1, 2, 4, 32, 32, 32,
+    ]  # fmt: skip
+    # Counters wrap at 2^32: the per-launch step must divide it; the merge has a lane per split.
+    assert kernels.ATTENTION_MAX_SPLITS & (kernels.ATTENTION_MAX_SPLITS - 1) == 0
+    assert kernels.ATTENTION_MAX_SPLITS <= 32
+
+    def views(cache, heads=8, kv_heads=2, head_dim=128, length=40, batch=1):
+        kv = mx.zeros((batch, kv_heads, length, head_dim))
+        keys, values = cache.update_and_fetch(kv, kv)
+        return mx.zeros((batch, heads, 1, head_dim)), keys, values
+
+    # Threadgroup memory: Apple GPUs have 32 KB, CUDA's static shared memory 48 KB.
+    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    assert kernels._attention_threads(8, 128) == 128 and kernels._attention_threads(2, 128) == 256
+    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    assert kernels._attention_threads(8, 128) == 256 and kernels._attention_threads(8, 256) == 128
+    covered = kernels.decode_attention_covered
+    cache = KVCache()
+    q, k, v = views(cache)
+    monkeypatch.setattr(kernels, "backend", lambda: "metal")  # no hand-off: MLX's attention
+    monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1)
+    assert not covered(q, k, v, None, cache)
+    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    assert covered(q, k, v, None, cache)
+    monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1024)
+    assert not covered(q, k, v, None, cache)  # short caches stay on MLX's attention
+    monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1)
+    assert covered(q, k, v, None, cache)
+    assert not covered(q, k, v, "causal", cache)
+    assert not covered(mx.zeros((1, 8, 2, 128)), k, v, None, cache)  # two queries
+    assert not covered(q.astype(mx.bfloat16), k, v, None, cache)  # mixed dtypes
+    cache = KVCache()
+    assert not covered(*views(cache, head_dim=64), None, cache)
+    cache = KVCache()
+    assert not covered(*views(cache, heads=6, kv_heads=4), None, cache)
+    cache = RotatingKVCache(max_size=64)
+    assert not covered(*views(cache), None, cache)
+    cache = QuantizedKVCache()
+    q, k, v = views(cache)
+    assert not covered(q, k, v, None, cache)
+
+
+def _filled_cache(batch, kv_heads, head_dim, length, dtype, seed):
+    """A KVCache holding `length` positions, and the views its next update returns."""
+    from mlx_lm.models.cache import KVCache
+
+    mx.random.seed(seed)
+    cache = KVCache()
+    shape = (batch, kv_heads, length - 1, head_dim)
+    if length > 1:
+        cache.update_and_fetch(mx.random.normal(shape).astype(dtype),
+                               mx.random.normal(shape).astype(dtype))  # fmt: skip
+    one = (batch, kv_heads, 1, head_dim)
+    keys, values = cache.update_and_fetch(mx.random.normal(one).astype(dtype),
+                                          mx.random.normal(one).astype(dtype))  # fmt: skip
+    return cache, keys, values
+
+
+ATTENTION_SHAPES = [(32, 4, 128), (16, 8, 128), (64, 4, 128), (4, 2, 256)]  # 30B, 0.6B, 235B
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "H{}-KV{}-D{}".format(*s))
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32], ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_attention_matches_sdpa(shape, dtype, batch, monkeypatch):
+    """Against MLX's attention in float32 over the same cache views, for cache lengths that
+    take 1 to 32 splits, one after another on the same arrival counters (the split count
+    changes between launches)."""
+    heads, kv_heads, head_dim = shape
+    monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1)
+
+    class Owner:  # the call site the counters belong to
+        pass
+
+    owner, scale = Owner(), head_dim**-0.5
+    for i, length in enumerate([1, 7, 32, 33, 100, 1000, 2048, 3001, 40]):
+        cache, keys, values = _filled_cache(batch, kv_heads, head_dim, length, dtype, i)
+        q = (2 * mx.random.normal((batch, heads, 1, head_dim))).astype(dtype)
+        assert kernels.decode_attention_covered(q, keys, values, None, cache)
+        out = kernels.decode_attention(q, keys, values, scale, owner)
+        f32 = [a.astype(mx.float32) for a in (q, keys, values)]
+        ref = mx.fast.scaled_dot_product_attention(*f32, scale=scale)
+        err = rel_err(out, np.array(ref, np.float64))
+        report("decode_attention", shape=shape, dtype=str(dtype), batch=batch, length=length,
+               rel=err)  # fmt: skip
+        assert out.shape == q.shape and out.dtype == dtype
+        assert err < (1e-5 if dtype == mx.float32 else 1e-2), length
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_model_logits_decode_attention_on_vs_off(batch, monkeypatch):
+    """Whole model (head_dim 128 as in every Qwen3), a 70-token prompt then 8 decode steps
+    (3 splits), with the decode attention kernel against MLX's attention."""
+    model, _ = tiny_model(mx.float32, head_dim=128)
+    monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1)
+    tokens = np.random.default_rng(batch).integers(0, 512, (batch, 78))
+    calls = []
+    original = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
+    monkeypatch.setenv("QWEN3_MLX_ATTENTION_KERNEL", "0")
+    off = run_tokens(model, tokens, steps=8)
+    assert not calls
+    monkeypatch.setenv("QWEN3_MLX_ATTENTION_KERNEL", "1")
+    on = run_tokens(model, tokens, steps=8)
+    assert len(calls) == 8 * len(model.layers)
+    err = rel_err(on, off.astype(np.float64))
+    report("model_logits_decode_attention", batch=batch, rel=err)
+    assert err < 1e-4

@@ -74,6 +74,24 @@ DEVICE_FN float unpacked_dot(const THREAD float* wv, const THREAD float* x, cons
   return float(1 << BITS) * ((acc[0] + acc[1]) + (acc[2] + acc[3]) - xs);
 }
 
+// One step of summing an array over the warp by halving, at lane bit MASK: a lane keeps
+// the upper or lower N of its 2N values (by its bit) and adds the partner lane's copy of
+// that half. With N == 0, a plain sum of v[0] with the partner's. (The steps are separate
+// instantiations so every index is a constant: the arrays stay in registers.)
+template <int N, int MASK>
+DEVICE_FN void halve_sum(THREAD float* v, const uint32_t lane) {
+  if (N == 0) {
+    v[0] += shuffle_xor(v[0], MASK);
+    return;
+  }
+  const bool upper = (lane & uint32_t(MASK)) != 0;
+  UNROLL for (int i = 0; i < N; i++) {
+    const float low = v[i];
+    const float high = v[i + N];
+    v[i] = (upper ? high : low) + shuffle_xor(upper ? low : high, MASK);
+  }
+}
+
 DEVICE_FN float silu(float x) {
   return x / (1.0f + exp(-x));
 }

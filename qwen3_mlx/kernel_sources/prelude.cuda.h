@@ -8,6 +8,8 @@
 #define SHARED __shared__
 #define BARRIER() __syncthreads()
 #define UNROLL _Pragma("unroll")
+#define PRAGMA(x) _Pragma(#x)
+#define UNROLL_BY(n) PRAGMA(unroll n)  // the next loop unrolled n times
 #define LOAD_U4(ptr, i) (reinterpret_cast<const uint4*>(ptr)[(i)])
 #define AS_FLOAT(u) __uint_as_float(u)
 #define MAKE_FLOAT4(a, b, c, d) make_float4((a), (b), (c), (d))
@@ -38,6 +40,11 @@ DEVICE_FN float warp_max(float v) {
   return v;
 }
 
+// Lane src's value.
+DEVICE_FN float shuffle_at(float v, int src) {
+  return __shfl_sync(0xffffffffu, v, src);
+}
+
 // Lane (lane ^ m)'s value.
 DEVICE_FN float shuffle_xor(float v, int m) {
   return __shfl_xor_sync(0xffffffffu, v, m);
@@ -54,12 +61,38 @@ DEVICE_FN int shuffle_xor(int v, int m) {
 #define DEVICE_FENCE() __threadfence()
 #define BARRIER_DEVICE() __syncthreads()
 
-DEVICE_FN uint32_t take_ticket(const uint32_t* counter) {
-  return atomicAdd(const_cast<uint32_t*>(counter), 1u);
+DEVICE_FN uint32_t take_ticket(const uint32_t* counter, uint32_t amount = 1u) {
+  return atomicAdd(const_cast<uint32_t*>(counter), amount);
 }
 
 DEVICE_FN float load_coherent(const float* p) {
   return __ldcg(p);
+}
+
+// Four consecutive floats (16-byte aligned), read as load_coherent does.
+DEVICE_FN float4 load_coherent4(const float* p) {
+  return __ldcg(reinterpret_cast<const float4*>(p));
+}
+
+// Four consecutive activations as floats; p is aligned to their size.
+DEVICE_FN void load4(const __nv_bfloat16* p, float* o) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  o[0] = __uint_as_float(u.x << 16);
+  o[1] = __uint_as_float(u.x & 0xffff0000u);
+  o[2] = __uint_as_float(u.y << 16);
+  o[3] = __uint_as_float(u.y & 0xffff0000u);
+}
+
+DEVICE_FN void load4(const __half* p, float* o) {
+  const __half2* h = reinterpret_cast<const __half2*>(p);
+  const float2 a = __half22float2(h[0]);
+  const float2 b = __half22float2(h[1]);
+  o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
+}
+
+DEVICE_FN void load4(const float* p, float* o) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
 }
 
 // Eight consecutive activations as floats; p is 16-byte aligned.

@@ -9,6 +9,8 @@
 #define SHARED threadgroup
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define UNROLL _Pragma("unroll")
+#define PRAGMA(x) _Pragma(#x)
+#define UNROLL_BY(n) PRAGMA(unroll n)  // the next loop unrolled n times
 #define LOAD_U4(ptr, i) (((const device uint4*)(ptr))[(i)])
 #define AS_FLOAT(u) as_type<float>(u)
 #define MAKE_FLOAT4(a, b, c, d) float4((a), (b), (c), (d))
@@ -27,6 +29,11 @@ DEVICE_FN float warp_max(float v) {
   return simd_max(v);
 }
 
+// Lane src's value.
+DEVICE_FN float shuffle_at(float v, int src) {
+  return simd_shuffle(v, ushort(src));
+}
+
 // Lane (lane ^ m)'s value.
 DEVICE_FN float shuffle_xor(float v, int m) {
   return simd_shuffle_xor(v, ushort(m));
@@ -41,12 +48,36 @@ DEVICE_FN int shuffle_xor(int v, int m) {
 #define DEVICE_FENCE() atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device)
 #define BARRIER_DEVICE() threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup)
 
-DEVICE_FN uint32_t take_ticket(const device uint32_t* counter) {
-  return atomic_fetch_add_explicit((device atomic_uint*)counter, 1u, memory_order_relaxed);
+DEVICE_FN uint32_t take_ticket(const device uint32_t* counter, uint32_t amount = 1u) {
+  return atomic_fetch_add_explicit((device atomic_uint*)counter, amount, memory_order_relaxed);
 }
 
 DEVICE_FN float load_coherent(const device float* p) {
   return *((const volatile device float*)p);
+}
+
+// Four consecutive floats (16-byte aligned), read as load_coherent does.
+DEVICE_FN float4 load_coherent4(const device float* p) {
+  return *((const volatile device float4*)p);
+}
+
+// Four consecutive activations as floats; p is aligned to their size.
+DEVICE_FN void load4(const device bfloat16_t* p, thread float* o) {
+  const uint2 u = *((const device uint2*)p);
+  o[0] = as_type<float>(u.x << 16);
+  o[1] = as_type<float>(u.x & 0xffff0000u);
+  o[2] = as_type<float>(u.y << 16);
+  o[3] = as_type<float>(u.y & 0xffff0000u);
+}
+
+DEVICE_FN void load4(const device half* p, thread float* o) {
+  const half4 h = *((const device half4*)p);
+  o[0] = float(h.x); o[1] = float(h.y); o[2] = float(h.z); o[3] = float(h.w);
+}
+
+DEVICE_FN void load4(const device float* p, thread float* o) {
+  const float4 a = *((const device float4*)p);
+  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
 }
 
 // Eight consecutive activations as floats; p is 16-byte aligned.
