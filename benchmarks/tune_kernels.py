@@ -150,6 +150,7 @@ STEP_VARIANTS = {
     "attn threads 128": {"ATTENTION_THREADS": 128},
     "attn splits 16": {"ATTENTION_MAX_SPLITS": 16},
     "attn from 1": {"ATTENTION_MIN_KEYS": 1},
+    "no comments": {"KERNEL_COMMENTS": False},
     "attn keys 16": {"ATTENTION_SPLIT_KEYS": 16},
 }
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -154,18 +155,30 @@ def enabled(kind: str = "all", override: str | bool | None = None) -> bool:
     return name in VERIFIED_BACKENDS
 
 
-def kernel_source(name: str, backend_name: str) -> tuple[str, str]:
-    """(header, body) of kernel `name` for 'metal' or 'cuda', as handed to MLX."""
+def kernel_source(name: str, backend_name: str, comments: bool = True) -> tuple[str, str]:
+    """(header, body) of kernel `name` for 'metal' or 'cuda', as handed to MLX; without
+    comments and blank lines with comments=False."""
     prelude = (SOURCE_DIR / f"prelude.{backend_name}.h").read_text()
     header, prefix = prelude.split("// ---- body prefix ----\n")
     header += (SOURCE_DIR / "common.h").read_text()
-    return header, prefix + (SOURCE_DIR / f"{name}.inc").read_text()
+    body = prefix + (SOURCE_DIR / f"{name}.inc").read_text()
+    if not comments:  # the sources hold no string literal with "//" in it
+        header, body = (re.sub(r"[ \t]*//[^\n]*", "", text) for text in (header, body))
+        header, body = (re.sub(r"\n\s*\n", "\n", text) for text in (header, body))
+    return header, body
+
+
+# MLX's CUDA backend (0.32.4) rebuilds a custom kernel's whole source text at every call and
+# hashes it at every evaluation (docs/FACTS.md): KERNEL_COMMENTS=False hands it the sources a
+# third shorter. As written (True) until a whole-step measurement shows the difference
+# (benchmarks/tune_kernels.py, variant "no comments").
+KERNEL_COMMENTS = True
 
 
 @functools.cache
-def _kernel(name: str, backend_name: str):
+def _kernel(name: str, backend_name: str, comments: bool = True):
     inputs, outputs = SPECS[name]
-    header, body = kernel_source(name, backend_name)
+    header, body = kernel_source(name, backend_name, comments)
     make = mx.fast.metal_kernel if backend_name == "metal" else mx.fast.cuda_kernel
     return make(
         name=f"qwen3_mlx_{name}",
@@ -178,7 +191,7 @@ def _kernel(name: str, backend_name: str):
 
 
 def _run(name: str, **kwargs):
-    return _kernel(name, backend())(**kwargs)
+    return _kernel(name, backend(), KERNEL_COMMENTS)(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

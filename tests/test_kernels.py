@@ -155,6 +155,14 @@ def test_sources_share_one_body_per_kernel():
         assert metal_body.endswith(body) and cuda_body.endswith(body)
         assert "threadIdx" in cuda_body and "thread_index_in_threadgroup" in metal_body
         assert "uint " not in cuda_body + cuda_header  # CUDA has no Metal `uint`
+        # Without comments (kernels.KERNEL_COMMENTS=False): the same code, line for line.
+        for backend_name in ("cuda", "metal"):
+            for full, bare in zip(kernels.kernel_source(name, backend_name),
+                                  kernels.kernel_source(name, backend_name, comments=False),
+                                  strict=True):  # fmt: skip
+                code = [line.split("//")[0].rstrip() for line in full.splitlines()]
+                assert [line for line in code if line.strip()] == bare.strip("\n").splitlines()
+                assert len(bare) < 0.8 * len(full)
     # Both preludes define the same vocabulary (macros and helper functions) for the bodies.
     vocab = {}
     for backend_name in ("cuda", "metal"):
