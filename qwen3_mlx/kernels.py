@@ -113,6 +113,9 @@ ATTENTION_HEADS, ATTENTION_THREADS = 8, 256
 # steps, where MLX rebuilds a custom kernel's source text at every call). From 256 keys on
 # MLX switches to cuDNN (21 us per layer at 2048 keys; this kernel 12.9 us).
 ATTENTION_MIN_KEYS = 1024
+# Query heads per KV head whose launch shapes have passed the GPU tests on the H200 (0.6B-1.7B:
+# 2; 30B, 32B: 8; 235B: 16). 4B/8B (4) and 14B (5) take other shapes, tested but not yet run.
+ATTENTION_CHECKED_GROUPS = (2, 8, 16)
 LOG2_E = math.log2(math.e)  # the kernel's softmax runs in base 2
 
 
@@ -873,6 +876,7 @@ def decode_attention_covered(q: mx.array, keys, values, mask, cache) -> bool:
         and keys.shape[3] == head_dim
         and head_dim % 128 == 0
         and heads % kv_heads == 0
+        and heads // kv_heads in ATTENTION_CHECKED_GROUPS
         and q.dtype in FLOAT_TYPES
         and keys.dtype == q.dtype == values.dtype
         and batch * heads <= TICKETS

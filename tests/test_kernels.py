@@ -732,7 +732,7 @@ def test_decode_attention_coverage(monkeypatch):
     assert kernels.ATTENTION_MAX_SPLITS & (kernels.ATTENTION_MAX_SPLITS - 1) == 0
     assert kernels.ATTENTION_MAX_SPLITS <= 32
 
-    def views(cache, heads=8, kv_heads=2, head_dim=128, length=40, batch=1):
+    def views(cache, heads=16, kv_heads=2, head_dim=128, length=40, batch=1):
         kv = mx.zeros((batch, kv_heads, length, head_dim))
         keys, values = cache.update_and_fetch(kv, kv)
         return mx.zeros((batch, heads, 1, head_dim)), keys, values
@@ -755,12 +755,14 @@ def test_decode_attention_coverage(monkeypatch):
     monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1)
     assert covered(q, k, v, None, cache)
     assert not covered(q, k, v, "causal", cache)
-    assert not covered(mx.zeros((1, 8, 2, 128)), k, v, None, cache)  # two queries
+    assert not covered(mx.zeros((1, 16, 2, 128)), k, v, None, cache)  # two queries
     assert not covered(q.astype(mx.bfloat16), k, v, None, cache)  # mixed dtypes
     cache = KVCache()
     assert not covered(*views(cache, head_dim=64), None, cache)
     cache = KVCache()
     assert not covered(*views(cache, heads=6, kv_heads=4), None, cache)
+    cache = KVCache()
+    assert not covered(*views(cache, heads=8, kv_heads=8), None, cache)  # 1 per KV head: unrun
     cache = RotatingKVCache(max_size=64)
     assert not covered(*views(cache), None, cache)
     cache = QuantizedKVCache()
@@ -784,7 +786,15 @@ def _filled_cache(batch, kv_heads, head_dim, length, dtype, seed):
     return cache, keys, values
 
 
-ATTENTION_SHAPES = [(32, 4, 128), (16, 8, 128), (64, 4, 128), (4, 2, 256)]  # 30B, 0.6B, 235B
+# Query heads, KV heads, head_dim: 30B, 0.6B, 235B, 8B, 14B, and head_dim 256.
+ATTENTION_SHAPES = [
+    (32, 4, 128),
+    (16, 8, 128),
+    (64, 4, 128),
+    (32, 8, 128),
+    (40, 8, 128),
+    (4, 2, 256),
+]
 
 
 @pytest.mark.gpu
@@ -798,6 +808,7 @@ def test_decode_attention_matches_sdpa(shape, dtype, batch, monkeypatch):
     changes between launches)."""
     heads, kv_heads, head_dim = shape
     monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1)
+    monkeypatch.setattr(kernels, "ATTENTION_CHECKED_GROUPS", (heads // kv_heads,))
 
     class Owner:  # the call site the counters belong to
         pass
