@@ -145,13 +145,15 @@ STEP_VARIANTS = {
     # MLX's CUDA attention takes cuDNN for one query over a cache whose capacity is a
     # multiple of 256 (mlx-lm's growth step) and its own vector kernel otherwise.
     "cache step 257": {"KVCache.step": 257},
+    # The decode attention kernel: off, and its launch shape.
     "sdpa attention": {"QWEN3_MLX_ATTENTION_KERNEL": "0"},
     "attn heads 4": {"ATTENTION_HEADS": 4},
     "attn threads 128": {"ATTENTION_THREADS": 128},
     "attn splits 16": {"ATTENTION_MAX_SPLITS": 16},
-    "attn from 1": {"ATTENTION_MIN_KEYS": 1},
-    "no comments": {"KERNEL_COMMENTS": False},
     "attn keys 16": {"ATTENTION_SPLIT_KEYS": 16},
+    "attn from 1": {"ATTENTION_MIN_KEYS": 1},
+    # Kernel sources handed to MLX without comments (less text rebuilt and hashed per call).
+    "no comments": {"KERNEL_COMMENTS": False},
 }
 
 

@@ -165,10 +165,15 @@ def kernel_source(name: str, backend_name: str, comments: bool = True) -> tuple[
     header, prefix = prelude.split("// ---- body prefix ----\n")
     header += (SOURCE_DIR / "common.h").read_text()
     body = prefix + (SOURCE_DIR / f"{name}.inc").read_text()
-    if not comments:  # the sources hold no string literal with "//" in it
-        header, body = (re.sub(r"[ \t]*//[^\n]*", "", text) for text in (header, body))
-        header, body = (re.sub(r"\n\s*\n", "\n", text) for text in (header, body))
+    if not comments:
+        return _without_comments(header), _without_comments(body)
     return header, body
+
+
+def _without_comments(source: str) -> str:
+    """`source` without // comments and blank lines (no string literal in the kernel sources
+    holds a "//")."""
+    return re.sub(r"\n\s*\n", "\n", re.sub(r"[ \t]*//[^\n]*", "", source))
 
 
 # MLX's CUDA backend (0.32.4) rebuilds a custom kernel's whole source text at every call and
