@@ -114,8 +114,8 @@ ATTENTION_HEADS, ATTENTION_THREADS = 8, 256
 # MLX switches to cuDNN (21 us per layer at 2048 keys; this kernel 12.9 us).
 ATTENTION_MIN_KEYS = 1024
 # Query heads per KV head whose launch shapes have passed the GPU tests on the H200 (0.6B-1.7B:
-# 2; 30B, 32B: 8; 235B: 16). 4B/8B (4) and 14B (5) take other shapes, tested but not yet run.
-ATTENTION_CHECKED_GROUPS = (2, 8, 16)
+# 2; 4B, 8B: 4; 14B: 5; 30B, 32B: 8; 235B: 16).
+ATTENTION_CHECKED_GROUPS = (2, 4, 5, 8, 16)
 LOG2_E = math.log2(math.e)  # the kernel's softmax runs in base 2
 
 
