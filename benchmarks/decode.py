@@ -12,7 +12,10 @@ implementations taking turns (a load change on a shared machine hits all of them
 the median is reported, and next to the ratio of medians the median of the per-round
 ratios (`decode_ratio_vs_mlx_lm_paired`). For batch > 1 the KV cache is filled with random
 keys/values of the prompt length instead of a real batched prefill (decode speed depends
-only on the cache length); prefill speed is measured at batch 1.
+only on the cache length); prefill speed is measured at batch 1. Per step it also records the
+host's time (`host_ms_per_step`: building the step's graph and handing it to the backend;
+when it equals `step_ms`, the device waits on the host) and the building part alone
+(`build_ms_per_step`).
 
 Variants of this project: `ours` (defaults), `ours:kernels=0` (reference ops),
 `ours:compile=0` (uncompiled decode step), `ours:router=0` (reference routing, expert kernels
@@ -79,11 +82,13 @@ def fill_cache(cache, batch: int, length: int, model) -> None:
     mx.eval([c.state for c in cache])
 
 
-def decode(model, token: mx.array, cache, steps: int) -> tuple[float, float]:
-    """(seconds, host seconds) for `steps` pipelined greedy decode steps (after one untimed).
+def decode(model, token: mx.array, cache, steps: int) -> tuple[float, float, float]:
+    """(seconds, host seconds, build seconds) for `steps` pipelined greedy decode steps (after
+    one untimed).
 
     Host seconds: time spent building and dispatching the steps' graphs, i.e. the part the
-    device cannot overlap if it is the larger one.
+    device cannot overlap if it is the larger one. Build seconds, its first part: Python and
+    graph construction (the model call), before `mx.async_eval` hands the graph to the backend.
     """
 
     def step(tok):
@@ -92,17 +97,19 @@ def decode(model, token: mx.array, cache, steps: int) -> tuple[float, float]:
     y = step(token)
     mx.async_eval(y)
     y.tolist()
-    host = 0.0
+    host = build = 0.0
     start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         nxt = step(y)
+        t1 = time.perf_counter()
         mx.async_eval(nxt)
         host += time.perf_counter() - t0
+        build += t1 - t0
         y.tolist()
         y = nxt
     y.tolist()
-    return time.perf_counter() - start, host
+    return time.perf_counter() - start, host, build
 
 
 def run_config(model, vocab: int, batch: int, prompt_len: int, gen: int) -> dict:
@@ -116,11 +123,12 @@ def run_config(model, vocab: int, batch: int, prompt_len: int, gen: int) -> dict
     else:
         fill_cache(cache, batch, prompt_len, model)
         token = mx.random.randint(0, vocab, (batch,))
-    seconds, host = decode(model, token, cache, gen)
+    seconds, host, build = decode(model, token, cache, gen)
     result.update(
         decode_tok_s=batch * gen / seconds,
         step_ms=1e3 * seconds / gen,
         host_ms_per_step=1e3 * host / gen,
+        build_ms_per_step=1e3 * build / gen,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
     )
     return result
@@ -344,7 +352,7 @@ def print_table(results: dict) -> None:
     print(
         f"\n{'impl':24} {'batch':>5} {'prompt':>6} {'decode':>9} {'ratio':>6} {'paired':>6} "
         f"{'prefill':>9} {'ratio':>6} {'ttft_s':>7} {'peakGB':>7} {'bw%':>5} {'step_ms':>7} "
-        f"{'host':>6}"
+        f"{'host':>6} {'build':>6}"
     )
     for r in results["runs"]:
         print(
@@ -355,7 +363,8 @@ def print_table(results: dict) -> None:
             f"{r.get('prefill_ratio_vs_mlx_lm', float('nan')):6.2f} "
             f"{r.get('ttft_s', float('nan')):7.3f} {r['peak_memory_gb']:7.2f} "
             f"{100 * r.get('fraction_of_bandwidth_limit', float('nan')):5.1f} "
-            f"{r['step_ms']:7.2f} {r['host_ms_per_step']:6.2f}"
+            f"{r['step_ms']:7.2f} {r['host_ms_per_step']:6.2f} "
+            f"{r.get('build_ms_per_step', float('nan')):6.2f}"
         )
     for r in results.get("errors", []):
         print(f"{r['impl']:24} {r['batch']:5d} {r['prompt']:6d} ERROR {r['error'][:300]}")

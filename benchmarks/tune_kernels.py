@@ -175,12 +175,13 @@ def step_section(args, record):
                 fill_cache(cache, batch, args.prompt, model)
                 token = mx.random.randint(0, vocab, (batch,))
                 decode(model, token, cache, 8)  # trace and JIT
-                seconds, host = decode(model, token, cache, args.steps)
-                return seconds / args.steps, host / args.steps
+                times = decode(model, token, cache, args.steps)
+                return [t / args.steps for t in times]
 
-            step, host = with_constants(STEP_VARIANTS[name], run)
+            step, host, build = with_constants(STEP_VARIANTS[name], run)
             record(kernel="step", preset=args.preset, batch=batch, variant=name,
-                   step_ms=step * 1e3, host_ms=host * 1e3, tok_s=batch / step)  # fmt: skip
+                   step_ms=step * 1e3, host_ms=host * 1e3, build_ms=build * 1e3,
+                   tok_s=batch / step)  # fmt: skip
     model.model.reset_compiled()
 
 

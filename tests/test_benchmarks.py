@@ -1,0 +1,26 @@
+"""The side-by-side decode benchmark end to end on the tiny preset: both projects on the same
+weights, the JSON record (command, versions, per-run timings, ratios) and the plot on disk."""
+
+import json
+
+from benchmarks import decode
+
+
+def test_decode_benchmark_writes_a_record_and_a_plot(tmp_path):
+    out = tmp_path / "decode_tiny"
+    command = "--preset tiny --prompt 16 --batch 1,2 --gen 4 --repeats 1 --out"
+    decode.main([*command.split(), str(out)])
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert record["meta"]["command"].startswith("python -m benchmarks.decode --preset tiny")
+    assert record["meta"]["mlx"] and record["meta"]["mlx_lm"]
+    assert record["errors"] == []
+    runs = {(r["impl"], r["batch"]): r for r in record["runs"]}
+    assert set(runs) == {(impl, b) for impl in ("ours", "mlx-lm") for b in (1, 2)}
+    for row in runs.values():
+        assert row["decode_tok_s"] > 0
+        # The host's share of a step, and its graph-building part, are measured, not guessed.
+        assert 0 < row["build_ms_per_step"] <= row["host_ms_per_step"]
+    assert runs["ours", 1]["prefill_tok_s"] > 0
+    assert runs["ours", 1]["decode_ratio_vs_mlx_lm"] > 0
+    assert runs["ours", 2]["decode_ratio_vs_mlx_lm_paired"] > 0
