@@ -183,12 +183,6 @@ class Attention(nn.Module):
     def attend(self, q, keys, values, mask: Any, cache: Any, merge: bool = True) -> mx.array:
         """Attention over the cache's keys/values; (B, heads, L, hd) → (B, L, heads * hd),
         or left as (B, heads, L, hd) with merge=False (the decode kernels read it as is)."""
-        if (
-            not merge
-            and fused.enabled()
-            and fused.decode_attention_covered(q, keys, values, mask, cache)
-        ):
-            return fused.decode_attention(q, keys, values, self.scale, self)
         out = scaled_dot_product_attention(
             q, keys, values, cache=cache, scale=self.scale, mask=mask
         )
@@ -343,10 +337,21 @@ class CompiledDecode:
         mask = create_attention_mask(h, cache[0])
         q, k, v = self.steps[0](h, offset)
         last = len(body.layers) - 1
+        kernel_attention = None  # decided once per step: the layers' caches advance together
         for i, (layer, layer_cache) in enumerate(zip(body.layers, cache, strict=True)):
             keys, values = _update_cache(layer_cache, k, v)
-            # Heads stay unmerged: a transpose + reshape is two more host dispatches per layer.
-            attn = layer.self_attn.attend(q, keys, values, mask, layer_cache, merge=False)
+            if kernel_attention is None:
+                kernel_attention = (
+                    fused.enabled()
+                    and all(type(c) is type(layer_cache) for c in cache)
+                    and fused.decode_attention_covered(q, keys, values, mask, layer_cache)
+                )
+            attn_layer = layer.self_attn
+            if kernel_attention:
+                attn = fused.decode_attention(q, keys, values, attn_layer.scale, attn_layer)
+            else:
+                # Heads stay unmerged: a transpose + reshape is two more host dispatches.
+                attn = attn_layer.attend(q, keys, values, mask, layer_cache, merge=False)
             if i < last:
                 h, q, k, v = self.steps[i + 1](attn, h, offset)
             else:
