@@ -272,8 +272,10 @@ def base_conversations() -> list[Conversation]:
         Conversation(
             "json",
             [user("Reply in JSON with the keys name and age: Ada is 36 years old.")],
-            '{"name": "Ada", "age": 36}',
-            enable_thinking=False,
+            think(
+                "The user wants a JSON object: the name is Ada and the age is 36.",
+                '{"name": "Ada", "age": 36}',
+            ),
         ),
         Conversation(
             "multi_turn",

@@ -122,16 +122,6 @@ class PromptCache:
         self.layers = layers
         self.tokens: list[int] = list(tokens or [])
 
-    @classmethod
-    def new(
-        cls,
-        model: Any,
-        kv_bits: int | None = None,
-        kv_group_size: int = 64,
-        max_kv_size: int | None = None,
-    ) -> PromptCache:
-        return cls(make_cache(model, kv_bits, kv_group_size, max_kv_size))
-
     def __len__(self) -> int:
         return len(self.tokens)
 

@@ -31,21 +31,23 @@ from typing import Any
 
 from .cache import PromptCache, make_cache
 from .errors import GenerationError, Qwen3MLXError
-from .generate import (
+from .generation import (
     DEFAULT_PREFILL_STEP_SIZE,
     GenerationResponse,
     GenerationStats,
+    start_request,
+    stream_sequence,
+)
+from .parsing import ToolCall
+from .sampling import SamplingParams
+from .terminal import (
     ReplyPrinter,
     add_model_arguments,
     add_sampling_arguments,
     load_for_cli,
     run_cli,
     sampling_from_args,
-    start_request,
-    stream_sequence,
 )
-from .parsing import ToolCall
-from .sampling import SamplingParams
 
 
 @dataclass
@@ -304,13 +306,18 @@ def _read_line(stdin, stdout) -> str:
     return line
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.chat") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m qwen3_mlx.chat", description="Chat with a Qwen3 model in the terminal."
+        prog=prog, description="Chat with a Qwen3 model in the terminal."
     )
     add_model_arguments(parser)
-    parser.add_argument("--system", "-s", help="system prompt")
-    parser.add_argument("--verbose", "-v", action="store_true", help="print speed and memory stats")
+    parser.add_argument("--system", "-s", help="system prompt (default: none)")
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="print speed and memory stats after each reply (default: off)",
+    )
     add_sampling_arguments(parser)
     args = parser.parse_args(argv)
 

@@ -7,11 +7,14 @@
     qwen3-mlx bench    ...   = the benchmarks' entry point
 
 Modules are imported only when their subcommand runs, so `qwen3-mlx --help` is instant.
+Each main() is told its program name ("qwen3-mlx generate"), so its usage line and errors read
+as the command the user typed.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 
@@ -56,6 +59,23 @@ def find_main(command: str):
     return None
 
 
+def call_main(entry, argv: list[str], prog: str):
+    """`entry(argv)` with its argparse program name set to `prog`: passed as `prog=` when the
+    main() takes one, else through sys.argv[0] (argparse's default program name)."""
+    try:
+        takes_prog = "prog" in inspect.signature(entry).parameters
+    except (TypeError, ValueError):
+        takes_prog = False
+    if takes_prog:
+        return entry(argv, prog=prog)
+    saved = sys.argv[:]
+    sys.argv[:1] = [prog]
+    try:
+        return entry(argv)
+    finally:
+        sys.argv[:] = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -81,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    result = entry(rest)
+    result = call_main(entry, rest, f"qwen3-mlx {command}")
     return result if isinstance(result, int) else 0
 
 

@@ -12,12 +12,14 @@ Flags follow `mlx_lm.convert`. Three properties matter for checkpoints of hundre
 * Fail before work. All shard headers are read and every tensor name and shape is checked
   against config.json before the first byte is written.
 * Crash-safe. Everything is written to a hidden directory beside the destination and renamed
-  into place at the end; a killed run leaves no directory that looks like a model.
+  into place at the end; a killed run leaves no directory that looks like a model, and a failed
+  write (disk full, read-only) is removed and reported in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -31,7 +33,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import quant
+from . import quant, weights
 from .config import ModelArgs, load_config, normalize_config
 from .errors import ConvertError, Qwen3MLXError, WeightsError
 from .hub import MODEL_PATTERNS, resolve_model_path
@@ -221,7 +223,7 @@ class ShardWriter:
         if not self.current:
             return
         path = self._part(len(self.shards))
-        mx.save_safetensors(str(path), self.current, metadata={"format": "mlx"})
+        weights.save_safetensors(path, self.current, metadata={"format": "mlx"})
         self.shards.append(list(self.current))
         self.current, self.current_bytes = {}, 0
         release_memory()
@@ -334,6 +336,8 @@ def check_destination(dst: Path, src: Path | None, force: bool) -> None:
             raise ConvertError(f"--mlx-path {dst}: already exists (pass --force to replace it)")
         if not dst.is_dir():
             raise ConvertError(f"--mlx-path {dst}: exists and is not a directory")
+    if reason := weights.unwritable_reason(dst.parent):  # e.g. a read-only mount
+        raise ConvertError(f"{dst}: cannot write ({reason})")
 
 
 def replace_directory(tmp: Path, dst: Path) -> None:
@@ -341,7 +345,11 @@ def replace_directory(tmp: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
         dst.rename(old)
-        tmp.rename(dst)
+        try:
+            tmp.rename(dst)
+        except BaseException:
+            old.rename(dst)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(dst)
@@ -411,12 +419,14 @@ def convert(
         f"dtype {dtype_name or 'as stored'}, {what}",
         flush=True,
     )
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(dst)
-    tmp = temp_dir_for(dst)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # Every write happens below; a failure removes what was written, down to the parent
+    # directories made for `dst`, and an OSError (disk full, read-only...) becomes one line.
+    tmp, new_dirs = temp_dir_for(dst), [p for p in dst.parents if not p.exists()]
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(dst)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         writer = ShardWriter(tmp, max_bytes)
         parameters = convert_tensors(
             model,
@@ -433,8 +443,13 @@ def convert(
         out_config = output_config(config, dtype_name, quantization)
         (tmp / "config.json").write_text(json.dumps(out_config, indent=4) + "\n")
         replace_directory(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        for path in new_dirs:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        if isinstance(e, OSError):
+            raise weights.file_error(e, dst, src) from None
         raise
     bpw = 8 * writer.total_bytes / max(parameters, 1)
     print(
@@ -445,23 +460,37 @@ def convert(
     return dst
 
 
-def configure_parser() -> argparse.ArgumentParser:
+def configure_parser(prog: str = "python -m qwen3_mlx.convert") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m qwen3_mlx.convert",
+        prog=prog,
         description="Convert a Hugging Face Qwen3 / Qwen3-MoE checkpoint to MLX format.",
     )
     parser.add_argument("--hf-path", "--model", required=True, help="Local directory or hub id.")
-    parser.add_argument("--mlx-path", default="mlx_model", help="Output directory.")
-    parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
-    parser.add_argument("--q-group-size", type=int, default=None, help="32, 64 (default) or 128.")
-    parser.add_argument("--q-bits", type=int, default=None, help="2, 3, 4 (default), 5, 6 or 8.")
-    parser.add_argument("--q-mode", default="affine", help="Quantization mode (only 'affine').")
+    parser.add_argument(
+        "--mlx-path", default="mlx_model", help="Output directory (default: mlx_model)."
+    )
+    parser.add_argument(
+        "-q",
+        "--quantize",
+        action="store_true",
+        help="Quantize the weights (default: keep them unquantized).",
+    )
+    parser.add_argument(
+        "--q-group-size", type=int, default=None, help="32, 64 or 128 (default: 64)."
+    )
+    parser.add_argument(
+        "--q-bits", type=int, default=None, help="2, 3, 4, 5, 6 or 8 (default: 4, or the recipe's)."
+    )
+    parser.add_argument(
+        "--q-mode", default="affine", help="Quantization mode (only 'affine', the default)."
+    )
     parser.add_argument(
         "--quant-recipe",
         "--quant-predicate",
         dest="quant_recipe",
         default=None,
-        help=f"Mixed-precision recipe, implies -q: {', '.join(quant.recipe_names())}.",
+        help=f"Mixed-precision recipe, implies -q: {', '.join(quant.recipe_names())} "
+        "(default: none, uniform bits).",
     )
     parser.add_argument(
         "--dtype",
@@ -471,14 +500,18 @@ def configure_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--force", action="store_true", help="Replace an existing --mlx-path.")
     parser.add_argument(
-        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="Output shard size (5GB)."
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"Output shard size (default: {DEFAULT_MAX_SHARD_SIZE}).",
     )
-    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="Hide the progress bar (default: shown)."
+    )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = configure_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.convert") -> int:
+    args = configure_parser(prog).parse_args(argv)
     options = vars(args)
     options["progress"] = not options.pop("no_progress")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +81,25 @@ def load_model(
     return model, config
 
 
-def load(path_or_id: str | Path, *, lazy: bool = False, long_context: bool = False):
+def load(path_or_id: str | Path | None = None, *, lazy: bool = False, long_context: bool = False):
     """Load a Qwen3 checkpoint directory or hub id → (model, tokenizer), ready to generate
-    (see `prepare_for_inference`)."""
+    (see `prepare_for_inference`). Without one, the embedded demo model (as the command-line
+    tools without `--model`), with a one-line notice on stderr."""
     from .tokenizer import load_tokenizer
 
+    if path_or_id is None or path_or_id == "":
+        path_or_id = _demo_model_path()
     model_dir = resolve_model_path(path_or_id)
     model, _ = load_model(model_dir, lazy=lazy, long_context=long_context)
     return prepare_for_inference(model), load_tokenizer(model_dir)
+
+
+def _demo_model_path() -> str:
+    from .assets import DEMO_MODEL_PATH, resolve_model_argument
+
+    path = resolve_model_argument(None, notice=False)  # ConfigError when it is missing
+    print(f"No model given: using the built-in demo model ({DEMO_MODEL_PATH})", file=sys.stderr)
+    return path
 
 
 # A quantized output head is replaced by its dense copy on the CPU backend up to this size.

@@ -54,7 +54,12 @@ def yarn_periods(head_dim: int, base: float, scaling: dict) -> tuple[mx.array, f
             attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
         else:
             attention_factor = get_mscale(factor)
-    return 1.0 / inv_freq, float(attention_factor)
+    periods = 1.0 / inv_freq
+    # Computed now, on the loading thread: a lazy array made on one thread can't be evaluated
+    # on another (the server's engine thread), and these are not parameters that
+    # `mx.eval(model.parameters())` would reach.
+    mx.eval(periods)
+    return periods, float(attention_factor)
 
 
 class RoPE(nn.Module):

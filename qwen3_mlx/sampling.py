@@ -211,10 +211,6 @@ def _check_int(name, value, *, low=None, high=None) -> None:
     _check_number(name, value, low=low, high=high)
 
 
-def qwen_defaults(thinking: bool) -> dict[str, float]:
-    return dict(THINKING_DEFAULTS if thinking else NON_THINKING_DEFAULTS)
-
-
 # -- per-row randomness ------------------------------------------------------------
 
 
@@ -297,10 +293,6 @@ def _gumbel(shape: tuple[int, int], keys: mx.array | None) -> mx.array:
 def make_sampler(params: SamplingParams | Sequence[SamplingParams]) -> BatchSampler:
     """A sampler for one sequence (one SamplingParams) or a batch (one per row)."""
     return BatchSampler([params] if isinstance(params, SamplingParams) else params)
-
-
-def sample_greedy(logprobs: mx.array) -> mx.array:
-    return mx.argmax(logprobs, axis=-1)
 
 
 # -- logprobs ----------------------------------------------------------------------
@@ -387,11 +379,6 @@ def make_penalties(params: SamplingParams, vocab_size: int, prompt_tokens=()) ->
     if not params.has_penalties:
         return None
     return Penalties(params, vocab_size, list(prompt_tokens))
-
-
-def make_logits_processors(params: SamplingParams, vocab_size: int, prompt_tokens=()):
-    """Alias of `make_penalties` under mlx-lm's name."""
-    return make_penalties(params, vocab_size, prompt_tokens)
 
 
 def apply_penalties(logits: mx.array, penalties: Sequence[Penalties | None]) -> mx.array:

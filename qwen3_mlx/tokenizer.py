@@ -22,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .errors import TokenizerError
+from .errors import TemplateError, TokenizerError
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -185,6 +185,43 @@ class Tokenizer:
     def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
         skip = self.special_token_ids if skip_special_tokens else frozenset()
         return StreamingDetokenizer(self._token_bytes, skip)
+
+    def apply_chat_template(
+        self,
+        messages: list[Any],
+        tools: list[Any] | None = None,
+        tokenize: bool = True,
+        add_generation_prompt: bool = False,
+        enable_thinking: bool = True,
+        **kwargs: Any,
+    ) -> list[int] | str:
+        """Messages → prompt token ids (`tokenize=False`: the prompt text), as transformers'
+        and mlx-lm's tokenizers do it, with the checkpoint's chat template (or the built-in
+        Qwen3 renderer when it ships none; see `template.render_chat`).
+
+        `add_generation_prompt` appends `<|im_start|>assistant\\n`, plus the empty think block
+        when `enable_thinking=False`. Other keyword arguments reach the template as variables;
+        `chat_template=` renders with another template; `return_dict=False` (mlx-lm passes it)
+        is accepted, `return_dict=True` gives `{"input_ids", "attention_mask"}`.
+        """
+        from .template import render_chat
+
+        chat_template = kwargs.pop("chat_template", None) or self.chat_template
+        return_dict = kwargs.pop("return_dict", False)
+        if kwargs.pop("continue_final_message", False):
+            raise TemplateError("apply_chat_template: continue_final_message is not supported")
+        text = render_chat(
+            messages,
+            tools,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            chat_template=chat_template,
+            **{**self.special_tokens_map, **kwargs},
+        )
+        if not tokenize:
+            return text
+        ids = self.encode(text)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)} if return_dict else ids
 
     # -- vocabulary --------------------------------------------------------------
 

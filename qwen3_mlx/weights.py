@@ -8,6 +8,7 @@ instead of a crash deep inside the loader.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import WeightsError
+from .errors import ConvertError, Qwen3MLXError, WeightsError
 
 INDEX_FILE = "model.safetensors.index.json"
 DTYPE_SIZES = {
@@ -148,6 +149,38 @@ def save_shards(
         mx.save_safetensors(
             str(out_dir / shard_name(i, len(shards))), shard, metadata={"format": "mlx"}
         )
+
+
+def save_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str]) -> None:
+    """mx.save_safetensors through a Python file object, so that a failed write raises OSError
+    with its errno (MLX's own file writer raises "[write] Unable to write N bytes", no cause).
+    MLX hands each tensor's buffer to the file as a memoryview: no copy, same speed."""
+    with open(path, "wb") as f:
+        mx.save_safetensors(f, tensors, metadata=metadata)
+
+
+def file_error(e: OSError, out: Path, src: Path) -> Qwen3MLXError:
+    """One line for an OSError met while writing `out` from `src`: "OUT: cannot write (no space
+    left on device)", "OUT: cannot write (read-only file system)"... A failure to open or read a
+    file of `src` names that file instead."""
+    text = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
+    cause = text[:1].lower() + text[1:]
+    if isinstance(e.filename, str) and not e.filename2 and Path(e.filename).is_relative_to(src):
+        return WeightsError(f"{e.filename}: cannot read ({cause})")
+    return ConvertError(f"{out}: cannot write ({cause})")
+
+
+def unwritable_reason(directory: Path) -> str | None:
+    """Why `directory` (made if missing) can't get new files, or None. Looks at the nearest
+    existing ancestor; root is refused by a read-only mount too. Free space isn't checked."""
+    base = next(p for p in (directory, *directory.parents) if p.exists() or p.is_symlink())
+    if not base.is_dir():
+        return f"{base} is not a directory"
+    if os.access(base, os.W_OK | os.X_OK):
+        return None
+    if os.statvfs(base).f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    return "permission denied"
 
 
 def shard_name(i: int, count: int) -> str:

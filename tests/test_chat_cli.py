@@ -117,7 +117,8 @@ def test_demo_model_is_the_default(monkeypatch, tiny_qwen3_dir, capsys):
     import qwen3_mlx.assets as assets
 
     monkeypatch.setattr(assets, "DEMO_MODEL_PATH", tiny_qwen3_dir)
-    assert cli.main(["generate", "--prompt", "hi", "--max-tokens", "2", "--temp", "0"]) == 0
+    argv = ["generate", "--prompt", "hi", "--max-tokens", "2", "--temp", "0", "--quiet"]
+    assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "demo model" in err
 

@@ -6,22 +6,24 @@ Uses the tiny random Qwen3 from conftest (real tokenizer, greedy decoding), no H
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from qwen3_mlx.generate import Sequence, forward
+from qwen3_mlx.generation import Sequence, forward
 from qwen3_mlx.sampling import SamplingParams
 from qwen3_mlx.server.engine import (
+    Batch,
     Channel,
     Engine,
     EngineBusy,
+    Failed,
     Finished,
     GenerationRequest,
     Output,
-    _Batch,
-    _Row,
+    Row,
 )
 from qwen3_mlx.server.models import load_served_model
 
@@ -45,7 +47,7 @@ def make_request(served, prompt, max_tokens=8, seed=None, **params) -> Generatio
         thinking=False
     )
     seq = Sequence(served.tokenizer, prompt, params, prompt_state="answer", parse_tools=False)
-    return GenerationRequest(served, prompt, seq, params, Channel(asyncio.get_running_loop()))
+    return GenerationRequest(served, seq, Channel(asyncio.get_running_loop()))
 
 
 def test_batched_logits_equal_single_sequence_logits(served):
@@ -55,13 +57,13 @@ def test_batched_logits_equal_single_sequence_logits(served):
     follow = {"a": [1, 2, 3, 4, 5], "b": [6, 7, 8, 9, 10], "c": [11, 12, 13]}
     expected = {k: single_logits(model, prompts[k], follow[k]) for k in prompts}
 
-    batch = _Batch(served)
+    batch = Batch(served)
 
     def join(name):
         request = type(
             "R", (), {"prompt": prompts[name], "sequence": None, "params": SamplingParams()}
         )
-        row = _Row.__new__(_Row)
+        row = Row.__new__(Row)
         row.cache = [KVCache() for _ in model.layers]
         forward(model, mx.array([prompts[name][:-1]]), row.cache)
         row.request, row.name, row.step, row.next_input = request, name, 0, prompts[name][-1]
@@ -206,3 +208,63 @@ async def _drain(request):
         event = await request.channel.get()
         if isinstance(event, Finished):
             return request.sequence.tokens, event
+
+
+class _FailingPenalties:
+    """Penalty state made lazily on another thread, as the server's HTTP side once made it: the
+    engine thread can't evaluate it, so any step graph that includes it fails."""
+
+    def __init__(self):
+        made = []
+        thread = threading.Thread(target=lambda: made.append(mx.zeros((1,)) + 1))
+        thread.start()
+        thread.join()
+        self.offset = made[0]
+
+    def __call__(self, logits):
+        return logits + self.offset
+
+    def observe(self, token):
+        pass
+
+
+class _PoisonedSequence(Sequence):
+    @property
+    def penalties(self):
+        if not hasattr(self, "_poison"):
+            self._poison = _FailingPenalties()
+        return self._poison
+
+
+def test_a_failing_row_fails_alone_and_the_batch_goes_on(served):
+    asyncio.run(_test_a_failing_row_fails_alone_and_the_batch_goes_on(served))
+
+
+async def _test_a_failing_row_fails_alone_and_the_batch_goes_on(served):
+    prompts = [served.tokenizer.encode(t) for t in ("Hello there", "The weather in Paris is")]
+    alone = Engine([served], max_concurrency=1)
+    alone.start()
+    try:
+        expected = [await run(alone, make_request(served, p, 10)) for p in prompts]
+    finally:
+        alone.close()
+    engine = Engine([served], max_concurrency=8)
+    engine.start()
+    try:
+        good = [make_request(served, p, 10) for p in prompts]
+        bad = make_request(served, served.tokenizer.encode("poison"), 10, repetition_penalty=1.1)
+        bad.sequence.__class__ = _PoisonedSequence
+        for request in (good[0], bad, good[1]):
+            engine.submit(request)
+        events = []
+        while not isinstance(event := await asyncio.wait_for(bad.channel.get(), 30), Failed):
+            events.append(event)
+        assert "internal error (sampling)" in event.message
+        results = [await asyncio.wait_for(_drain(r), 30) for r in good]
+        assert engine.alive and engine.stats()["failed"] == 1
+        for (tokens, finished), (want, _) in zip(results, expected, strict=True):
+            assert tokens == want and finished.finish_reason == "length"
+        again, _ = await run(engine, make_request(served, prompts[0], 10))
+        assert again == expected[0][0]
+    finally:
+        engine.close()

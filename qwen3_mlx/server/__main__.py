@@ -19,9 +19,9 @@ import threading
 from ..errors import Qwen3MLXError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m qwen3_mlx.server") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m qwen3_mlx.server",
+        prog=prog,
         description="An OpenAI- and LM Studio-compatible server for Qwen3 on MLX.",
     )
     p.add_argument(
@@ -36,59 +36,100 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH_OR_ID",
-        help="serve this checkpoint as an embedding model (for ones without sentence-transformers files)",
+        help="serve this checkpoint as an embedding model (for ones without sentence-transformers "
+        "files; default: none)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=1234)
     p.add_argument(
-        "--api-key", help="require 'Authorization: Bearer KEY' (default: any key is accepted)"
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
     )
-    p.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers")
+    p.add_argument("--port", type=int, default=1234, help="port to listen on (default: 1234)")
+    p.add_argument(
+        "--allowed-hosts",
+        default="",
+        metavar="NAMES",
+        help="comma-separated Host header names to serve besides localhost and the --host "
+        "address ('*.example.com' for subdomains, '*' for any); others get 403, against DNS "
+        "rebinding (see docs/server.md; default: none)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' or 'x-api-key: KEY' (default: no key needed)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection whose client takes longer than this to send a request's "
+        "headers, or pauses this long within its body (default: 30)",
+    )
+    p.add_argument(
+        "--cors",
+        action="store_true",
+        help="allow cross-origin requests from browsers (default: off)",
+    )
     p.add_argument(
         "--max-concurrency",
         type=int,
         default=16,
-        help="requests decoded together in one batch (default 16)",
+        help="requests decoded together in one batch (default: 16)",
     )
     p.add_argument(
         "--max-queue",
         type=int,
         default=64,
-        help="requests waiting beyond those; more get 503 (default 64)",
+        help="requests waiting beyond those; more get 503 (default: 64)",
     )
     p.add_argument(
         "--max-tokens-limit",
         type=int,
-        help="refuse requests asking for more output tokens than this",
+        help="refuse requests asking for more output tokens than this (default: no limit; a "
+        "request that sets no max_tokens generates until the model's context is full, or up to "
+        "this limit)",
     )
     p.add_argument(
-        "--max-body-mb", type=float, default=16.0, help="largest request body (default 16 MB)"
+        "--max-body-mb", type=float, default=16.0, help="largest request body (default: 16 MB)"
     )
-    p.add_argument("--context-length", type=int, help="override the models' context length")
+    p.add_argument(
+        "--long-context",
+        action="store_true",
+        help="YaRN to 131,072 tokens (Qwen's factor 4 over 32,768), as the other CLIs have it",
+    )
+    p.add_argument(
+        "--context-length",
+        type=int,
+        help="override the models' context length (default: the checkpoint's, from "
+        "max_position_embeddings and rope_scaling)",
+    )
     p.add_argument(
         "--prompt-cache-mb",
         type=float,
         default=2048,
-        help="memory for KV caches kept for reuse by later requests (default 2048 MB)",
+        help="memory for KV caches kept for reuse by later requests (default: 2048 MB)",
     )
     p.add_argument(
         "--prefill-step",
         type=int,
         default=512,
-        help="prompt tokens processed between decode steps (default 512)",
+        help="prompt tokens processed between decode steps (default: 512)",
     )
     p.add_argument(
         "--parallel",
         choices=["tensor", "expert", "pipeline"],
         help="under mlx.launch: split the chat models over the ranks; rank 0 serves "
-        "(see docs/distributed.md)",
+        "(see docs/distributed.md; default: each model whole in one process)",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="(default: info)",
+    )
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.server") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
     )
@@ -101,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         ):
             if value is not None and value < 1:
                 raise Qwen3MLXError(f"{name} {value}: must be at least 1")
+        if not args.read_timeout > 0:
+            raise Qwen3MLXError(f"--read-timeout {args.read_timeout}: must be positive")
         if args.parallel:
             return serve_distributed(args)
         app = build_app(args)
@@ -116,10 +159,20 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3
-    )
+    uvicorn.run(app, **uvicorn_options(args))
     return 0
+
+
+def uvicorn_options(args: argparse.Namespace) -> dict:
+    from .guard import read_timeout_protocol
+
+    return dict(
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=3,
+        http=read_timeout_protocol(args.read_timeout),
+    )
 
 
 def build_app(args: argparse.Namespace, leader: bool = True):
@@ -147,6 +200,7 @@ def build_app(args: argparse.Namespace, leader: bool = True):
                 embedding=embedding,
                 context_length=args.context_length,
                 parallel=None if embedding else args.parallel,
+                long_context=args.long_context,
             )
         )
     registry = ModelRegistry(models)
@@ -162,6 +216,8 @@ def build_app(args: argparse.Namespace, leader: bool = True):
         cors=args.cors,
         max_tokens_limit=args.max_tokens_limit,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        bind_host=args.host,
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
     )
     return create_app(registry, engine, settings)
 
@@ -184,13 +240,7 @@ def serve_distributed(args: argparse.Namespace) -> int:
             _when_launcher_gone(lambda: None)
             engine.follow()
             return 0
-        config = uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=3,
-        )
+        config = uvicorn.Config(app, **uvicorn_options(args))
         server = uvicorn.Server(config)
 
         def stop(*_):

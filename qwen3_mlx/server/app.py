@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -27,6 +27,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Qwen3MLXError
 from .engine import Channel, Engine, EngineBusy, Failed, Finished, GenerationRequest, Output
+from .guard import (
+    ORIGINAL_METHOD,
+    ApiKeyGuard,
+    BodyLimit,
+    HostGuard,
+    HostPolicy,
+    PathNormalizer,
+    error_body,
+    error_response,
+    has_api_key,
+)
 from .models import LoadedModel, ModelNotFound, ModelRegistry
 from .output import (
     ChatCollector,
@@ -77,54 +88,16 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @dataclass
 class Settings:
+    """`bind_host`: the address the server listens on; with it, requests whose Host header is
+    not loopback, that address or one of `allowed_hosts` get 403 (see guard.HostPolicy). The
+    CLI always sets it; an app embedded elsewhere (or under TestClient) checks no Host."""
+
     api_key: str | None = None
     cors: bool = False
     max_tokens_limit: int | None = None
     max_body_bytes: int = 16 << 20
-
-
-def error_body(message: str, *, type: str = "invalid_request_error", param=None, code=None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, headers=None, **kw) -> JSONResponse:
-    return JSONResponse(error_body(message, **kw), status_code=status, headers=headers)
-
-
-class BodyLimit:
-    """Refuse request bodies over `limit` bytes (413), whether or not Content-Length is sent."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        too_big = JSONResponse(
-            error_body(
-                f"request body exceeds this server's limit of {self.limit} bytes",
-                code="body_too_large",
-            ),
-            status_code=413,
-        )
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await too_big(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:  # FastAPI lets HTTPExceptions from body reading through
-                    raise StarletteHTTPException(
-                        413, f"request body exceeds this server's limit of {self.limit} bytes"
-                    )
-            return message
-
-        return await self.app(scope, limited_receive, send)
+    bind_host: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def create_app(
@@ -145,6 +118,10 @@ def create_app(
         version="0.1.0",
         summary="Qwen3 on MLX: an OpenAI- and LM Studio-compatible server",
         lifespan=lifespan,
+        # The docs UIs load their scripts from a CDN, which an offline machine can't reach.
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,  # PathNormalizer serves `/v1/models/` itself, no 307
     )
     app.state.engine = engine
     app.state.registry = registry
@@ -161,17 +138,22 @@ def create_app(
                 f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
             )
         else:
+            # Validators that see deeper than pydantic's loc (free-form objects) name the spot.
+            if isinstance(first.get("ctx", {}).get("param"), str):
+                loc = first["ctx"]["param"].split(".")
             where = ".".join(loc)
-            message = f"{where}: {first['msg']}" if where else str(first["msg"])
+            text = str(first["msg"]).removeprefix("Value error, ")
+            message = f"{where}: {text}" if where else text
             if len(errors) > 1:
                 message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
         return error_response(400, message, param=".".join(loc) or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
+        method = request.scope.get(ORIGINAL_METHOD, request.method)
         message = {
-            404: f"no such endpoint: {request.method} {request.url.path}",
-            405: f"method {request.method} is not allowed on {request.url.path}",
+            404: f"no such endpoint: {method} {request.url.path}",
+            405: f"method {method} is not allowed on {request.url.path}",
         }.get(exc.status_code, str(exc.detail))
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
@@ -202,28 +184,23 @@ def create_app(
             500, f"internal server error: {type(exc).__name__}: {exc}", type="server_error"
         )
 
-    # -- auth, CORS, body size --------------------------------------------------------------
-
-    async def authorize(request: Request):
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != settings.api_key:
-            raise ApiError(
-                401,
-                "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
+    # -- Host, paths, CORS, API key, body size (the last added runs first) ---------------------
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.api_key is not None:
+        # Middleware rather than a route dependency: /openapi.json and unknown paths need the
+        # key too. CORS runs before it, so browsers' preflights (which carry no key) pass.
+        app.add_middleware(ApiKeyGuard, key=settings.api_key)
     if settings.cors:
         app.add_middleware(
             CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
         )
+    app.add_middleware(PathNormalizer)
+    if settings.bind_host is not None:
+        app.add_middleware(HostGuard, policy=HostPolicy(settings.bind_host, settings.allowed_hosts))
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)], responses=ERRORS)
-    v0 = APIRouter(prefix="/api/v0", dependencies=[Depends(authorize)], responses=ERRORS)
+    v1 = APIRouter(prefix="/v1", responses=ERRORS)
+    v0 = APIRouter(prefix="/api/v0", responses=ERRORS)
 
     # -- models -----------------------------------------------------------------------------
 
@@ -252,24 +229,13 @@ def create_app(
 
     @v0.get("/models/{model_id:path}", response_model=LMStudioModel)
     async def get_model_v0(model_id: str):
-        for m in registry:
-            if m.id == model_id:
-                return lmstudio_card(m)
-        raise ModelNotFound(
-            f"model {model_id!r} is not loaded; loaded: {', '.join(m.id for m in registry)}"
-        )
+        return lmstudio_card(registry.get(model_id))
 
     # -- running a request ------------------------------------------------------------------
 
     def submit(prepared: Prepared) -> GenerationRequest:
         request = GenerationRequest(
-            model=prepared.model,
-            prompt=prepared.prompt,
-            sequence=prepared.sequence,
-            params=prepared.params,
-            channel=Channel(),
-            constraint=prepared.constraint,
-            prompt_state=prepared.prompt_state,
+            model=prepared.model, sequence=prepared.sequence, channel=Channel()
         )
         engine.submit(request)
         return request
@@ -548,8 +514,13 @@ def create_app(
     # -- health -----------------------------------------------------------------------------
 
     @app.get("/health", include_in_schema=False)
-    async def health():
-        return {"status": "ok" if engine.alive else "engine stopped", **engine.stats()}
+    async def health(request: Request):
+        status = {"status": "ok" if engine.alive else "engine stopped"}
+        # Open for probes even with --api-key, but the load figures only for key holders.
+        key = settings.api_key
+        if key is not None and not has_api_key(request.scope["headers"], key):
+            return status
+        return {**status, **engine.stats()}
 
     app.include_router(v1)
     app.include_router(v0)

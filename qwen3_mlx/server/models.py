@@ -8,15 +8,16 @@ checkpoints have the same architecture, so they are recognised by their files: s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
+from ..cache import enable_long_context
 from ..config import load_config
 from ..errors import ConfigError
+from ..generation import generation_config as read_generation_config
 from ..hub import resolve_model_path
 from ..loading import apply_quantization, build_model, prepare_for_inference, quantization_of
 from ..model import Model
@@ -79,7 +80,7 @@ def is_embedding_checkpoint(model_dir: Path, config: dict[str, Any]) -> bool:
 
 def context_length_of(config: dict[str, Any]) -> int:
     length = int(config.get("max_position_embeddings") or 40960)
-    scaling = config.get("rope_scaling") or {}
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if scaling.get("rope_type", scaling.get("type")) == "yarn" and scaling.get("factor"):
         original = scaling.get("original_max_position_embeddings") or length
         length = max(length, int(original * float(scaling["factor"])))
@@ -140,13 +141,19 @@ def load_served_model(
     context_length: int | None = None,
     model_id: str | None = None,
     parallel: str | None = None,
+    long_context: bool = False,
 ) -> LoadedModel:
     """`parallel`: under mlx.launch, load this rank's shard of a chat model (embedding models
-    are never split: pass None for them)."""
+    are never split: pass None for them). `long_context`: YaRN to 131,072 tokens, as the CLI's
+    `--long-context` (a checkpoint that already scales its RoPE is left as it is)."""
     model_dir = served_model_directory(path_or_id, parallel)
     config = load_config(model_dir)
     if embedding is None:
         embedding = is_embedding_checkpoint(model_dir, config)
+    if long_context and not embedding:
+        if parallel:
+            raise ConfigError("--long-context: not with --parallel")
+        config = enable_long_context(config)
     if parallel and not embedding:
         from .. import distributed
 
@@ -159,13 +166,7 @@ def load_served_model(
     native = context_length_of(config)
     if context_length is not None and context_length < 1:
         raise ConfigError(f"--context-length {context_length}: must be positive")
-    generation_config = {}
-    gen_file = model_dir / "generation_config.json"
-    if gen_file.exists():
-        try:
-            generation_config = json.loads(gen_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{gen_file}: not valid JSON ({e})") from None
+    generation_config = read_generation_config(model_dir)
     path = Path(path_or_id).expanduser()
     return LoadedModel(
         id=model_id or model_id_for(path_or_id),

@@ -16,7 +16,7 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from .engine import Finished
+from .jobs import Finished
 from .models import LoadedModel
 from .protocol import (
     ChatChoice,

@@ -7,12 +7,11 @@ Errors are `ApiError`s carrying the status and the offending field.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Qwen3MLXError
-from ..generate import Sequence
+from ..generation import Sequence
 from ..sampling import SamplingParams
 from ..template import generation_prompt_state, render_chat, thinking_enabled
 from .constrain import Constraint, GrammarFactory
@@ -208,6 +207,7 @@ def make_sequence(
     prompt_state: str,
     parse_tools: bool,
     thinking_budget: int | None,
+    constraint: Constraint | None = None,
 ) -> Sequence:
     try:
         return Sequence(
@@ -218,6 +218,7 @@ def make_sequence(
             thinking_budget=thinking_budget,
             parse_tools=parse_tools,
             vocab_size=model.model.args.vocab_size,
+            constraint=constraint,
         )
     except Qwen3MLXError as e:
         raise ApiError(400, str(e)) from None
@@ -306,6 +307,7 @@ def prepare_chat(body: ChatCompletionRequest, model: LoadedModel, limits: Limits
         prompt_state=state,
         parse_tools=use_tools,
         thinking_budget=body.thinking_budget if thinking else None,
+        constraint=constraint,
     )
     return Prepared(model, prompt, params, sequence, constraint, state, use_tools, thinking)
 
@@ -347,7 +349,13 @@ def prepare_completion(body: CompletionRequest, model: LoadedModel, limits: Limi
     )
     constraint = response_format_constraint(model, body.response_format)
     sequence = make_sequence(
-        model, prompt, params, prompt_state="answer", parse_tools=False, thinking_budget=None
+        model,
+        prompt,
+        params,
+        prompt_state="answer",
+        parse_tools=False,
+        thinking_budget=None,
+        constraint=constraint,
     )
     return Prepared(model, prompt, params, sequence, constraint, "answer", False, False)
 
@@ -455,7 +463,3 @@ def _first_error(e: Exception) -> str:
         first = errors()[0]
         return f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg')}"
     return str(e)
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))

@@ -7,11 +7,14 @@ send vendor extras (`user`, `ttl`, Qwen-Agent's `extra` on messages) that must n
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from jsonschema import Draft202012Validator, SchemaError, validators
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 def new_id(prefix: str) -> str:
@@ -30,6 +33,49 @@ class Open(BaseModel):
     """Objects clients decorate with their own fields (messages, tool calls): keep them all."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+# A Python str decoded from JSON may hold a lone UTF-16 surrogate ("\ud800" escaped alone): it
+# is not Unicode, so the tokenizer, the template and the UTF-8 encoder all fail on it.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any, loc: tuple) -> tuple[tuple, str] | None:
+    """The location and the code point of the first lone surrogate anywhere in `value`."""
+    stack = [(value, loc)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return where, f"\\u{ord(found.group()):04x}"
+        elif isinstance(item, dict):
+            for key, v in reversed(list(item.items())):
+                stack.append((v, (*where, key)))
+                stack.append((key, where))  # a bad key is reported at its object
+        elif isinstance(item, list | tuple):
+            stack.extend((v, (*where, i)) for i, v in reversed(list(enumerate(item))))
+    return None
+
+
+class Request(Schema):
+    """A request body: every string in it, at any depth and in free-form objects too (tools,
+    chat_template_kwargs, extra message fields), must be valid Unicode."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        found = _lone_surrogate(value, (info.field_name,))
+        if found is not None:
+            where, char = found
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "the text holds a lone UTF-16 surrogate ({char}), which is not valid Unicode: "
+                "characters beyond U+FFFF must be escaped as a surrogate pair, or sent as UTF-8",
+                # The handler in app.py names this deeper location instead of the field's.
+                {"char": char, "param": ".".join(str(p) for p in where)},
+            )
+        return value
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -51,6 +97,40 @@ class ErrorResponse(Schema):
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
+# MLX holds counts and token ids as int32 (a larger Python int fails deep in the engine with
+# std::bad_cast), so every count a request carries is bounded by it.
+INT32_MAX = 2**31 - 1
+
+
+def _check_token_ids(ids: list, what: str) -> None:
+    for i, t in enumerate(ids):
+        if isinstance(t, int) and not 0 <= t <= INT32_MAX:
+            raise ValueError(f"{what}[{i}]: token id {t} is outside 0..{INT32_MAX}")
+
+
+def _tool_parameters(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`parameters` must be an object schema (or `{}`: no parameters), valid JSON Schema."""
+    if not v:
+        return v
+    if v.get("type") != "object":
+        raise ValueError(
+            "must be a JSON Schema of an object: "
+            '{"type": "object", "properties": {...}}, '
+            f"not one of type {v.get('type')!r}"
+        )
+    if not isinstance(v.get("$schema", ""), str):
+        raise ValueError("not a valid JSON Schema: '$schema' must be a URI string")
+    try:
+        validators.validator_for(v, default=Draft202012Validator).check_schema(v)
+    except SchemaError as e:
+        at = "/".join(str(p) for p in e.path)
+        message = e.message if len(e.message) <= 200 else e.message[:200] + "…"
+        where = f" (at {at})" if at else ""
+        raise ValueError(f"not a valid JSON Schema: {message}{where}") from None
+    except Exception as e:  # e.g. RecursionError on a pathologically deep schema
+        raise ValueError(f"not a valid JSON Schema ({type(e).__name__})") from None
+    return v
+
 
 class StreamOptions(Schema):
     include_usage: bool = False
@@ -61,6 +141,8 @@ class FunctionDefinition(Schema):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    _parameters = field_validator("parameters")(_tool_parameters)
 
 
 class ChatTool(Schema):
@@ -98,15 +180,15 @@ class ResponseFormat(Schema):
         return self
 
 
-class SamplingFields(Schema):
+class SamplingFields(Request):
     """The generation knobs chat, completions and LM Studio share."""
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: Probability | None = None
-    max_tokens: int | None = Field(None, ge=-1)
+    max_tokens: int | None = Field(None, ge=-1, le=INT32_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -133,7 +215,7 @@ class SamplingFields(Schema):
     @classmethod
     def _bias_keys(cls, v):
         for key in v or {}:
-            if not key.lstrip("-").isdigit() or int(key) < 0:
+            if not re.fullmatch(r"[0-9]{1,10}", key) or int(key) > INT32_MAX:
                 raise ValueError(f"logit_bias key {key!r} is not a token id")
         return v
 
@@ -181,9 +263,17 @@ class ChatMessage(Open):
     reasoning: str | None = None
 
 
+# Names `render_chat` (template.py) and jinja's `Template.render` take as their own arguments:
+# prepare.py passes chat_template_kwargs beside them, so one of these would be given twice.
+# (`enable_thinking` is not here: prepare.py takes it out of the kwargs and honours it.)
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "chat_template", "documents", "self"}
+)
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=-1)
+    max_completion_tokens: int | None = Field(None, ge=-1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -194,8 +284,28 @@ class ChatCompletionRequest(SamplingFields):
     enable_thinking: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     thinking_budget: int | None = Field(
-        None, ge=0, description="Most tokens the model may think for before `</think>` is forced."
+        None,
+        ge=0,
+        le=INT32_MAX,
+        description="Most tokens the model may think for before `</think>` is forced.",
     )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _not_reserved(cls, v):
+        for key in v or {}:
+            if key in RESERVED_TEMPLATE_KWARGS:
+                raise PydanticCustomError(
+                    "reserved_key",
+                    "'{key}' is set by the server itself and can't be passed here "
+                    "(reserved: {reserved})",
+                    {
+                        "key": key,
+                        "reserved": ", ".join(sorted(RESERVED_TEMPLATE_KWARGS)),
+                        "param": f"chat_template_kwargs.{key}",
+                    },
+                )
+        return v
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -354,6 +464,8 @@ class CompletionRequest(SamplingFields):
                 raise ValueError("only one prompt per request is supported")
         elif not v:
             raise ValueError("prompt is empty")
+        if isinstance(v, list):
+            _check_token_ids(v, "prompt")
         return v
 
 
@@ -386,11 +498,11 @@ class Completion(Schema):
 # -- embeddings -------------------------------------------------------------------------------
 
 
-class EmbeddingRequest(Schema):
+class EmbeddingRequest(Request):
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=INT32_MAX)
     user: str | None = None
 
     @field_validator("input")
@@ -400,6 +512,12 @@ class EmbeddingRequest(Schema):
             raise ValueError("input must be a non-empty string, list of strings or token ids")
         if isinstance(v, list) and len(v) > 2048:
             raise ValueError("at most 2048 inputs per request")
+        if isinstance(v, list) and v and isinstance(v[0], int):
+            _check_token_ids(v, "input")
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                if isinstance(item, list):
+                    _check_token_ids(item, f"input[{i}]")
         return v
 
 
@@ -464,6 +582,8 @@ class ResponsesTool(Schema):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
+    _parameters = field_validator("parameters")(_tool_parameters)
+
 
 class ResponsesInputText(Open):
     type: Literal["input_text", "output_text", "text", "summary_text", "reasoning_text"]
@@ -526,11 +646,11 @@ class ResponsesTextOptions(Schema):
     format: ResponsesTextFormat | None = None
 
 
-class ResponsesRequest(Schema):
+class ResponsesRequest(Request):
     model: str | None = None
     input: str | list[ResponsesInputItem]
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool = False
