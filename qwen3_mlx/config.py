@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,23 @@ def load_config(model_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid JSON ({e})") from None
     normalize_config(config, str(path))  # validates the architecture early
     return config
+
+
+@lru_cache(maxsize=16)
+def _read_generation_config(path: str, mtime: float) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def generation_config(model_dir: str | Path | None) -> dict[str, Any]:
+    """The checkpoint's generation_config.json ({} when there is none): sampling defaults and
+    end-of-turn ids. The one place the file is read (cached per file version)."""
+    if model_dir is None:
+        return {}
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    return _read_generation_config(str(path), path.stat().st_mtime)

@@ -66,19 +66,33 @@ def load_model(
         from .cache import enable_long_context
 
         config = enable_long_context(config)
-    model = build_model(config, str(model_dir / "config.json"))
+    return model_from_config(model_dir, config, lazy=lazy), config
+
+
+def model_from_config(
+    model_dir: Path, config: dict[str, Any], *, lazy: bool = False, body_only: bool = False
+) -> Model:
+    """The model `config` describes, with the weights of `model_dir` (quantized as they are).
+    `body_only`: no lm_head is loaded (an embedding model's bare body)."""
+    source = str(model_dir / "config.json")
+    if body_only:
+        # The bare body has no lm_head; tying the head means none is expected (it is never used).
+        config = {**config, "tie_word_embeddings": True}
+    model = build_model(config, source)
     weights: dict[str, mx.array] = {}
     for _, shard in iter_shards(model_dir):
         weights.update(shard)
     weights = model.sanitize(weights)
+    if body_only:
+        weights.pop("lm_head.weight", None)
     quantization = quantization_of(config)
     if quantization and any(k.endswith(".scales") for k in weights):
-        apply_quantization(model, quantization, weights, str(model_dir / "config.json"))
+        apply_quantization(model, quantization, weights, source)
     check_and_load(model, weights, str(model_dir))
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
-    return model, config
+    return model
 
 
 def load(path_or_id: str | Path | None = None, *, lazy: bool = False, long_context: bool = False):

@@ -161,6 +161,15 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def has_history_penalties(self) -> bool:
+        """Penalties that depend on the tokens so far (repetition / presence / frequency)."""
+        return bool(
+            (self.repetition_penalty not in (None, 1.0))
+            or self.presence_penalty
+            or self.frequency_penalty
+        )
+
+    @property
     def has_penalties(self) -> bool:
         return bool(
             self.logit_bias

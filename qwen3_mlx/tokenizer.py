@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .config import generation_config as read_generation_config
 from .errors import TemplateError, TokenizerError
 
 THINK_START = "<think>"
@@ -265,6 +266,12 @@ class Tokenizer:
         return self._backend
 
     @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (128 for Qwen's vocabulary): a text longer
+        than n times this has more than n tokens, whatever it says."""
+        return max(1, max(len(b) for b in self._token_bytes))
+
+    @cached_property
     def _token_bytes(self) -> list[bytes]:
         """Raw bytes of every id, as the byte-level decoder renders it."""
         from tokenizers import decoders
@@ -323,7 +330,7 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 
     tokenizer_config = _read_json(model_dir / "tokenizer_config.json") or {}
     model_config = _read_json(model_dir / "config.json") or {}
-    generation_config = _read_json(model_dir / "generation_config.json") or {}
+    generation_config = read_generation_config(model_dir)
 
     eos_ids: set[int] = set()
     eos = _token_content(tokenizer_config.get("eos_token"))

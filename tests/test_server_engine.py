@@ -268,3 +268,32 @@ async def _test_a_failing_row_fails_alone_and_the_batch_goes_on(served):
         assert again == expected[0][0]
     finally:
         engine.close()
+
+
+def test_health_says_failing_while_every_request_fails(served):
+    """/health is not "ok" while the engine fails every request, and is again once one succeeds:
+    the app over a real engine (in process: the failure is injected as in the test above)."""
+    from starlette.testclient import TestClient
+
+    from qwen3_mlx.server.app import Settings, create_app
+    from qwen3_mlx.server.models import ModelRegistry
+
+    engine = Engine([served], max_concurrency=4)
+    with TestClient(create_app(ModelRegistry([served]), engine, Settings())) as client:
+        assert client.get("/health").json()["status"] == "ok"
+
+        async def poison_three():
+            for _ in range(Engine.FAILING_AFTER):
+                bad = make_request(served, [1, 2, 3], 4, repetition_penalty=1.1)
+                bad.sequence.__class__ = _PoisonedSequence
+                engine.submit(bad)
+                while not isinstance(await asyncio.wait_for(bad.channel.get(), 30), Failed):
+                    pass
+
+        asyncio.run(poison_three())
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "failing"
+        assert "sampling" in health.json()["last_error"]
+        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+        assert ok.status_code == 200, ok.text
+        assert client.get("/health").json()["status"] == "ok"

@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 from starlette.testclient import TestClient
 
-import qwen3_mlx.server.engine as engine_module
+import qwen3_mlx.server.decode as engine_module
 from qwen3_mlx.server.app import Settings, create_app
 from qwen3_mlx.server.engine import Engine
 from qwen3_mlx.server.models import ModelRegistry, load_served_model

@@ -1,16 +1,14 @@
 """Prompts: chat messages or raw text → tokens, and where the reply starts (thinking or not).
 
-`generation_config.json` is read here and nowhere else.
+`generation_config.json` is read by `config.generation_config`, once per file version.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Literal
 
+from ..config import generation_config  # noqa: F401 (read in one place, used from here)
 from ..errors import GenerationError
 from ..template import generation_prompt_state, render_chat, thinking_enabled
 
@@ -68,22 +66,3 @@ def prepare_prompt(
         raise GenerationError("prompt: empty (nothing to generate from)")
     state = generation_prompt_state(text)
     return Prompt(tokens, text, state, thinking and state != "answer")
-
-
-@lru_cache(maxsize=16)
-def _read_generation_config(path: str, mtime: float) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise GenerationError(f"{path}: unreadable ({e})") from None
-    return data if isinstance(data, dict) else {}
-
-
-def generation_config(model_dir: str | Path | None) -> dict[str, Any]:
-    """The checkpoint's generation_config.json ({} when there is none)."""
-    if model_dir is None:
-        return {}
-    path = Path(model_dir) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    return _read_generation_config(str(path), path.stat().st_mtime)

@@ -90,11 +90,23 @@ class SamplingStep:
         share: Callable[[mx.array], mx.array] = lambda tokens: tokens,
         leader: bool = True,
     ):
-        self.sequences = list(sequences)
+        self.sequences = seqs = list(sequences)
         self.sampler = BatchSampler([s.params for s in self.sequences])
         self.top_n = max((s.top_logprobs for s in self.sequences if s.want_logprobs), default=-1)
         self.constrained = leader and any(s.constraint is not None for s in self.sequences)
-        self.penalized = any(s.params.has_penalties for s in self.sequences)
+        # Rows whose only penalty is a logit bias get it in one scatter-add for the batch; rows
+        # with history penalties (which also apply their own bias) go through `Penalties`.
+        history = [s.params.has_history_penalties for s in self.sequences]
+        self.penalties = [s.penalties if s.params.has_history_penalties else None for s in seqs]
+        self.penalized = any(history)
+        rows, ids, values = [], [], []
+        for i, (s, h) in enumerate(zip(self.sequences, history, strict=True)):
+            if s.params.logit_bias and not h:
+                for token, value in s.params.logit_bias.items():
+                    rows.append(i)
+                    ids.append(int(token))
+                    values.append(float(value))
+        self.bias = (mx.array(rows), mx.array(ids), mx.array(values)) if rows else None
         self.share = share
 
     @property
@@ -103,8 +115,11 @@ class SamplingStep:
 
     def __call__(self, logits: mx.array) -> Sampled:
         seqs = self.sequences
+        if self.bias is not None:
+            rows, ids, values = self.bias
+            logits = logits.at[rows, ids].add(values)
         if self.penalized:
-            logits = apply_penalties(logits, [s.penalties for s in seqs])
+            logits = apply_penalties(logits, self.penalties)
         if self.constrained:
             logits = mx.concatenate(
                 [
@@ -136,9 +151,9 @@ class SamplingStep:
                 values[i], use[i] = t, True
             tokens = mx.where(mx.array(use), mx.array(values, dtype=tokens.dtype), tokens)
         if self.penalized:
-            for i, s in enumerate(self.sequences):
-                if s.params.has_penalties:
-                    s.observe(tokens[i : i + 1])
+            for i, penalties in enumerate(self.penalties):
+                if penalties is not None:
+                    penalties.observe(tokens[i : i + 1])
         return tokens
 
     def read(

@@ -1,11 +1,18 @@
 """An LM Studio-compatible server: `python -m qwen3_mlx.server`.
 
-app.py       routes (/v1 and /api/v0), errors, auth, CORS, SSE
-protocol.py  request / response schemas
-prepare.py   request → prompt tokens, sampling parameters, grammar, limits
-engine.py    the one MLX thread: queue, prefill, continuous batching, cancellation
+__main__.py  the command line; uvicorn settings
+app.py       the FastAPI app: settings, error handlers, middleware, /health
+guard.py     Host check, API key, trailing slashes / HEAD, body limit, read timeout
+routes.py    the handlers, one table registered under /v1 and /api/v0
+protocol     request / response schemas (pydantic)
+prepare.py   request → Sequence (prompt tokens, sampling parameters, grammar, limits)
+rows.py      a request's rows (n > 1, several prompts) run and merged
+engine.py    the one MLX thread: queue, admission, prefill, retirement, isolation
+decode.py    the batched, pipelined decode step (generation.step)
+batch.py     rows of a batch and their BatchKVCache; prefix.py: the prefix store
+jobs.py      what the HTTP side hands the engine, and the events it gets back
 constrain.py llguidance grammars for response_format and forced tool calls
-output.py    engine events → OpenAI / LM Studio JSON and SSE chunks
+output/      engine events → OpenAI / LM Studio JSON and SSE chunks, one module per API
 models.py    loading checkpoints (chat or embedding), names, LM Studio metadata
 """
 

@@ -65,6 +65,10 @@ class DecodeLoop:
             sampled = self._sample(batch, logits)
             if sampled is None:
                 return
+            if self._sync is not None:
+                # --parallel: the step's collectives must finish before the next turn's share in
+                # `_admit`, or the ranks could pair up their messages in different orders.
+                mx.eval(sampled.tokens)
         batch.queued = Queued(list(batch.rows), batch.step, sampled)
         self.steps += 1
 

@@ -119,6 +119,7 @@ class Engine(DecodeLoop):
         self.steps = 0
         self.cancelled = 0  # requests whose client left before they finished
         self.failed = 0  # requests ended by an error in the engine
+        self.failing = 0  # ... of them since a request last finished well
         self.last_error: str | None = None
         # --parallel: the error that ended the job (rank 0), and who to tell (stops the server).
         self.fatal: BaseException | None = None
@@ -137,6 +138,16 @@ class Engine(DecodeLoop):
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    # Requests that failed in a row, with none finishing well in between, before /health says so.
+    FAILING_AFTER = 3
+
+    def health(self) -> str:
+        """"ok", "failing" (the last FAILING_AFTER requests all ended in an engine error and none
+        finished since) or "engine stopped"."""
+        if not self.alive:
+            return "engine stopped"
+        return "failing" if self.failing >= self.FAILING_AFTER else "ok"
 
     def submit(self, request: GenerationRequest) -> None:
         with self._lock:
@@ -363,6 +374,7 @@ class Engine(DecodeLoop):
                 request.channel.put(Output(out))
         if seq.finish_reason != "error":
             request.channel.put(self._finished(row))
+            self.failing = 0
 
     def _finished(self, row: Row) -> Finished:
         seq = row.sequence
@@ -399,6 +411,8 @@ class Engine(DecodeLoop):
         """End one request with an error; nobody else is affected."""
         log.error("request %s failed in %s: %s: %s", request.id, where, type(error).__name__, error)
         self.failed += 1
+        self.failing += 1
+        self.last_error = f"{where}: {type(error).__name__}: {error}"
         if not request.sequence.finished:
             request.sequence.abort("error")
         request.channel.put(Failed(f"internal error ({where}): {type(error).__name__}: {error}"))
@@ -407,7 +421,9 @@ class Engine(DecodeLoop):
         for batch in self._batches.values():
             for row in batch.rows:
                 row.request.channel.put(Failed(message))
+                self.failing += 1
             batch.rows, batch.cache, batch.step, batch.queued = [], None, None, None
         for row in self._prefilling:
             row.request.channel.put(Failed(message))
+            self.failing += 1
         self._prefilling = []

@@ -29,7 +29,7 @@ class Output:
 
 @dataclass
 class Finished:
-    finish_reason: str  # stop | length | tool_calls | cancelled
+    finish_reason: str  # stop | length | tool_calls | abort (an error is a Failed event)
     stop_reason: str  # LM Studio's: eosFound | stopStringFound | maxPredictedTokensReached ...
     prompt_tokens: int
     completion_tokens: int

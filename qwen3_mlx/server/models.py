@@ -12,17 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
 from ..cache import enable_long_context
+from ..config import generation_config as read_generation_config
 from ..config import load_config
 from ..errors import ConfigError
-from ..generation import generation_config as read_generation_config
 from ..hub import resolve_model_path
-from ..loading import apply_quantization, build_model, prepare_for_inference, quantization_of
+from ..loading import model_from_config, prepare_for_inference, quantization_of
 from ..model import Model
 from ..tokenizer import Tokenizer, load_tokenizer
-from ..weights import check_and_load, iter_shards
 
 EMBEDDING_MARKERS = ("modules.json", "config_sentence_transformers.json")
 DEMO_MODEL_ID = "qwen3-mlx-demo"
@@ -99,26 +96,6 @@ def model_id_for(path_or_id: str) -> str:
     return str(path_or_id)
 
 
-def _load_weights(model_dir: Path, config: dict[str, Any], embedding: bool) -> Model:
-    if embedding:
-        # The bare body has no lm_head; tying the head means none is expected (it is never used).
-        config = {**config, "tie_word_embeddings": True}
-    model = build_model(config, str(model_dir / "config.json"))
-    weights: dict[str, mx.array] = {}
-    for _, shard in iter_shards(model_dir):
-        weights.update(shard)
-    weights = model.sanitize(weights)
-    if embedding:
-        weights.pop("lm_head.weight", None)
-    quantization = quantization_of(config)
-    if quantization and any(k.endswith(".scales") for k in weights):
-        apply_quantization(model, quantization, weights, str(model_dir / "config.json"))
-    check_and_load(model, weights, str(model_dir))
-    mx.eval(model.parameters())
-    model.eval()
-    return model
-
-
 def served_model_directory(path_or_id: str, parallel: str | None = None) -> Path:
     """Where config, tokenizer and weights are read (under --parallel: this rank's folder of a
     pre-split checkpoint)."""
@@ -159,7 +136,7 @@ def load_served_model(
 
         model = distributed.load_sharded(path_or_id, parallel)[0]
     else:
-        model = _load_weights(model_dir, config, embedding)
+        model = model_from_config(model_dir, config, body_only=embedding)
     if not embedding:
         prepare_for_inference(model)
     tokenizer = load_tokenizer(model_dir)

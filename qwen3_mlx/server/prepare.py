@@ -1,13 +1,15 @@
 """From a validated API request to what the engine runs: prompt tokens, sampling, grammar, limits.
 
-Chat, text completions, LM Studio's endpoints and the Responses API all end up here, so thinking
-switches, tool handling, length checks and sampling defaults behave the same on every route.
-Errors are `ApiError`s carrying the status and the offending field.
+Chat, text completions, LM Studio's endpoints and the Responses API (translated to chat in
+`responses_input`) all end up here, so thinking switches, tool handling, length checks and
+sampling defaults behave the same on every route. A request for `n` choices (or several
+prompts) becomes one `Sequence` per row (`rows`). Errors are `ApiError`s carrying the status and
+the offending field.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import Qwen3MLXError
@@ -65,6 +67,42 @@ class Limits:
     max_tokens: int | None = None  # --max-tokens-limit: refuse requests asking for more
 
 
+# reasoning_effort → (most thinking tokens, most share of max_tokens): the answer keeps room.
+# "none" turns thinking off instead (thinking_switch); an explicit thinking_budget wins.
+EFFORT_BUDGETS = {
+    "minimal": (256, 0.1),
+    "low": (1024, 0.25),
+    "medium": (4096, 0.5),
+    "high": (16384, 0.8),
+}
+
+
+def rows(prepared: Prepared, n: int, first: int = 0) -> list[Sequence]:
+    """`n` rows of one prepared prompt: choice `first + i` samples with `seed + first + i` when
+    a seed is set (else with fresh entropy) and has its own grammar state."""
+    out, seq, seed = [], prepared.sequence, prepared.params.seed
+    for i in range(first, first + n):
+        if i == first and (i == 0 or seed is None):
+            out.append(seq)
+            continue
+        params = replace(prepared.params, seed=None if seed is None else (seed + i) % 2**64)
+        constraint = prepared.constraint and grammar_factory(prepared.model).rebuild(
+            prepared.constraint.spec
+        )
+        out.append(
+            make_sequence(
+                prepared.model,
+                prepared.prompt,
+                params,
+                prompt_state=seq.prompt_state,
+                parse_tools=prepared.parse_tools,
+                thinking_budget=seq.thinking_budget,
+                constraint=constraint,
+            )
+        )
+    return out
+
+
 # -- messages ---------------------------------------------------------------------------------
 
 
@@ -114,6 +152,13 @@ def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 # -- shared pieces ------------------------------------------------------------------------------
 
 
+def check_generates(model: LoadedModel) -> None:
+    if model.kind != "llm":
+        raise ApiError(
+            400, f"model '{model.id}' is an embedding model; use /v1/embeddings", param="model"
+        )
+
+
 def check_prompt_length(model: LoadedModel, n_prompt: int, param: str) -> None:
     if n_prompt >= model.context_length:
         raise ApiError(
@@ -123,6 +168,37 @@ def check_prompt_length(model: LoadedModel, n_prompt: int, param: str) -> None:
             param=param,
             code="context_length_exceeded",
         )
+
+
+# Over-long prompts are counted in pieces of this many characters: the tokenizer holds the GIL
+# while it works, so one huge call would stall every other request for seconds.
+PIECE_CHARS = 256 * 1024
+
+
+def encode_bounded(model: LoadedModel, text: str, param: str) -> list[int]:
+    """Tokenize `text`, refusing early one that can't fit the model's context: at once when its
+    length alone rules it out, else after counting its tokens piece by piece."""
+    tokenizer, limit = model.tokenizer, model.context_length
+
+    def too_long(n: str) -> ApiError:
+        return ApiError(
+            400,
+            f"the prompt is {n} tokens but model '{model.id}' has a context of {limit} tokens "
+            "(prompt plus output must fit)",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+    if len(text) > limit * tokenizer.max_token_chars:
+        raise too_long(f"over {limit}")
+    if len(text) > 2 * PIECE_CHARS:
+        counted = 0
+        for start in range(0, len(text), PIECE_CHARS):
+            counted += len(tokenizer.encode(text[start : start + PIECE_CHARS]))
+            # A cut can split a token in two, never more: allow one extra token per cut.
+            if counted - start // PIECE_CHARS > limit:
+                raise too_long(f"over {limit}")
+    return tokenizer.encode(text)
 
 
 def resolve_max_tokens(
@@ -240,11 +316,18 @@ def thinking_switch(body: ChatCompletionRequest) -> bool:
     return enable
 
 
+def thinking_budget(body: ChatCompletionRequest, max_tokens: int) -> int | None:
+    """`thinking_budget` if given, else what `reasoning_effort` grants (EFFORT_BUDGETS)."""
+    if body.thinking_budget is not None:
+        return body.thinking_budget
+    if body.reasoning_effort in EFFORT_BUDGETS:
+        most, share = EFFORT_BUDGETS[body.reasoning_effort]
+        return min(most, int(max_tokens * share))
+    return None
+
+
 def prepare_chat(body: ChatCompletionRequest, model: LoadedModel, limits: Limits) -> Prepared:
-    if model.kind != "llm":
-        raise ApiError(
-            400, f"model '{model.id}' is an embedding model; use /v1/embeddings", param="model"
-        )
+    check_generates(model)
     messages = messages_to_dicts(body.messages)
     enable_thinking = thinking_switch(body)
     tool_choice = body.tool_choice or ("auto" if body.tools else "none")
@@ -261,7 +344,7 @@ def prepare_chat(body: ChatCompletionRequest, model: LoadedModel, limits: Limits
         )
     except Qwen3MLXError as e:
         raise ApiError(400, str(e), param="messages") from None
-    prompt = model.tokenizer.encode(text)
+    prompt = encode_bounded(model, text, "messages")
     check_prompt_length(model, len(prompt), "messages")
     requested = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -306,7 +389,7 @@ def prepare_chat(body: ChatCompletionRequest, model: LoadedModel, limits: Limits
         params,
         prompt_state=state,
         parse_tools=use_tools,
-        thinking_budget=body.thinking_budget if thinking else None,
+        thinking_budget=thinking_budget(body, max_tokens) if thinking else None,
         constraint=constraint,
     )
     return Prepared(model, prompt, params, sequence, constraint, state, use_tools, thinking)
@@ -315,16 +398,23 @@ def prepare_chat(body: ChatCompletionRequest, model: LoadedModel, limits: Limits
 # -- text completions -------------------------------------------------------------------------
 
 
-def prepare_completion(body: CompletionRequest, model: LoadedModel, limits: Limits) -> Prepared:
-    if model.kind != "llm":
-        raise ApiError(
-            400, f"model '{model.id}' is an embedding model; use /v1/embeddings", param="model"
-        )
-    prompt_in = body.prompt
-    if isinstance(prompt_in, list) and prompt_in and isinstance(prompt_in[0], str):
-        prompt_in = prompt_in[0]
+def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: one string or token-id list, or several."""
+    several = isinstance(body.prompt, list) and isinstance(body.prompt[0], str | list)
+    return list(body.prompt) if several else [body.prompt]
+
+
+def prepare_completion(
+    body: CompletionRequest, model: LoadedModel, limits: Limits
+) -> list[Prepared]:
+    """One `Prepared` per prompt of the request."""
+    check_generates(model)
+    return [_prepare_prompt(body, model, limits, p) for p in completion_prompts(body)]
+
+
+def _prepare_prompt(body: CompletionRequest, model: LoadedModel, limits: Limits, prompt_in):
     if isinstance(prompt_in, str):
-        prompt = model.tokenizer.encode(prompt_in)
+        prompt = encode_bounded(model, prompt_in, "prompt")
     else:
         vocab = model.model.args.vocab_size
         bad = [t for t in prompt_in if not 0 <= t < vocab]
@@ -358,108 +448,3 @@ def prepare_completion(body: CompletionRequest, model: LoadedModel, limits: Limi
         constraint=constraint,
     )
     return Prepared(model, prompt, params, sequence, constraint, "answer", False, False)
-
-
-# -- responses API ----------------------------------------------------------------------------
-
-
-def responses_to_chat(body) -> ChatCompletionRequest:
-    """A `/v1/responses` request as the equivalent chat completion request."""
-    messages: list[dict[str, Any]] = []
-    if body.instructions:
-        messages.append({"role": "system", "content": body.instructions})
-    if isinstance(body.input, str):
-        messages.append({"role": "user", "content": body.input})
-    else:
-        pending_reasoning = None
-        for item in body.input:
-            if item.type == "message":
-                content = item.content
-                if not isinstance(content, str):
-                    for part in content:
-                        if part.type in ("input_image", "input_file", "input_audio"):
-                            raise ApiError(
-                                400,
-                                f"input: '{part.type}' parts are not supported "
-                                "(this is a text-only model)",
-                                param="input",
-                            )
-                    content = "".join(getattr(p, "text", "") for p in content)
-                message = {"role": item.role, "content": content}
-                if item.role == "assistant" and pending_reasoning:
-                    message["reasoning_content"], pending_reasoning = pending_reasoning, None
-                messages.append(message)
-            elif item.type == "reasoning":
-                parts = (item.content or []) or item.summary
-                pending_reasoning = "".join(getattr(p, "text", "") for p in parts)
-            elif item.type == "function_call":
-                call = {
-                    "id": item.call_id,
-                    "type": "function",
-                    "function": {"name": item.name, "arguments": item.arguments},
-                }
-                last = messages[-1] if messages else None
-                if last and last["role"] == "assistant" and last.get("tool_calls") is not None:
-                    last["tool_calls"].append(call)
-                else:
-                    message = {"role": "assistant", "content": "", "tool_calls": [call]}
-                    if pending_reasoning:
-                        message["reasoning_content"], pending_reasoning = pending_reasoning, None
-                    messages.append(message)
-            elif item.type == "function_call_output":
-                output = item.output
-                if not isinstance(output, str):
-                    output = "".join(getattr(p, "text", "") for p in output)
-                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
-    if not messages:
-        raise ApiError(400, "input has no messages", param="input")
-    chat: dict[str, Any] = {
-        "model": body.model,
-        "messages": messages,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "max_tokens": body.max_output_tokens,
-        "parallel_tool_calls": body.parallel_tool_calls,
-    }
-    if body.tools:
-        chat["tools"] = [
-            {"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
-            for t in body.tools
-        ]
-    choice = body.tool_choice
-    if isinstance(choice, dict):
-        name = choice.get("name") or (choice.get("function") or {}).get("name")
-        if choice.get("type") != "function" or not name:
-            raise ApiError(
-                400,
-                "tool_choice: expected 'auto', 'none', 'required' or "
-                '{"type": "function", "name": ...}',
-                param="tool_choice",
-            )
-        choice = {"type": "function", "function": {"name": name}}
-    if choice is not None:
-        chat["tool_choice"] = choice
-    if body.reasoning and body.reasoning.effort:
-        chat["reasoning_effort"] = body.reasoning.effort
-    fmt = body.text.format if body.text else None
-    if fmt is not None and fmt.type != "text":
-        chat["response_format"] = (
-            {"type": "json_object"}
-            if fmt.type == "json_object"
-            else {
-                "type": "json_schema",
-                "json_schema": {"name": fmt.name or "response", "schema": fmt.schema_ or {}},
-            }
-        )
-    try:
-        return ChatCompletionRequest.model_validate(chat)
-    except ValueError as e:
-        raise ApiError(400, _first_error(e), param="input") from None
-
-
-def _first_error(e: Exception) -> str:
-    errors = getattr(e, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        return f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg')}"
-    return str(e)

@@ -1,0 +1,230 @@
+"""`/v1/chat/completions`: tools, messages, the request, the reply and its streamed chunks."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from .common import INT32_MAX, Open, Schema, Usage, tool_parameters
+from .lmstudio import ModelInfo, Runtime, Stats
+from .sampling import ResponseFormat, SamplingFields
+
+# -- tools -------------------------------------------------------------------------------------
+
+
+class FunctionDefinition(Schema):
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    _parameters = field_validator("parameters")(tool_parameters)
+
+
+class ChatTool(Schema):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(Schema):
+    name: str
+
+
+class NamedToolChoice(Schema):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+
+class TextPart(Open):
+    type: Literal["text", "input_text", "output_text"]
+    text: str
+
+
+class ImagePart(Open):
+    type: Literal["image_url", "input_image", "image", "input_audio", "file"]
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class FunctionCall(Open):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(Open):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+# -- the request -------------------------------------------------------------------------------
+
+
+# Names `render_chat` (template.py) and jinja's `Template.render` take as their own arguments:
+# prepare.py passes chat_template_kwargs beside them, so one of these would be given twice.
+# (`enable_thinking` is not here: prepare.py takes it out of the kwargs and honours it.)
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "chat_template", "documents", "self"}
+)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=-1, le=INT32_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    reasoning_format: Literal["separate", "raw", "deepseek", "none", "auto"] | None = Field(
+        None,
+        description="'separate' (or 'deepseek', 'auto'): thinking in `reasoning_content`; "
+        "'raw' (or 'none'): the `<think>` block stays in `content`. Default: --reasoning-format.",
+    )
+    thinking_budget: int | None = Field(
+        None,
+        ge=0,
+        le=INT32_MAX,
+        description="Most tokens the model may think for before `</think>` is forced.",
+    )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _not_reserved(cls, v):
+        for key in v or {}:
+            if key in RESERVED_TEMPLATE_KWARGS:
+                raise PydanticCustomError(
+                    "reserved_key",
+                    "'{key}' is set by the server itself and can't be passed here "
+                    "(reserved: {reserved})",
+                    {
+                        "key": key,
+                        "reserved": ", ".join(sorted(RESERVED_TEMPLATE_KWARGS)),
+                        "param": f"chat_template_kwargs.{key}",
+                    },
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names function {self.tool_choice.function.name!r}, "
+                    f"which is not in tools ({', '.join(names) or 'none given'})"
+                )
+        if self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs a non-empty 'tools' list")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+
+# -- the reply ---------------------------------------------------------------------------------
+
+
+class ChatLogprobTop(Schema):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprob(ChatLogprobTop):
+    top_logprobs: list[ChatLogprobTop] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(Schema):
+    content: list[ChatLogprob] | None = None
+
+
+class ResponseFunctionCall(Schema):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ResponseToolCall(Schema):
+    index: int | None = None
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ResponseFunctionCall
+
+
+class ResponseMessage(Schema):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+
+class ChatChoice(Schema):
+    index: int = 0
+    message: ResponseMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+
+
+class ChatCompletion(Schema):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+    stats: Stats | None = None
+    model_info: ModelInfo | None = None
+    runtime: Runtime | None = None
+
+
+# -- streamed chunks ---------------------------------------------------------------------------
+
+
+class ChunkDelta(Schema):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+
+class ChunkChoice(Schema):
+    index: int = 0
+    delta: ChunkDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+
+
+class ChatCompletionChunk(Schema):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    stats: Stats | None = None

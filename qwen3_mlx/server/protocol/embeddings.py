@@ -1,0 +1,50 @@
+"""`/v1/embeddings`: the request and the list of vectors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from .common import INT32_MAX, Request, Schema, check_token_ids
+
+
+class EmbeddingRequest(Request):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=INT32_MAX)
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, v):
+        if not v or (isinstance(v, list) and any(isinstance(x, list | str) and not x for x in v)):
+            raise ValueError("input must be a non-empty string, list of strings or token ids")
+        if isinstance(v, list) and len(v) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        if isinstance(v, list) and v and isinstance(v[0], int):
+            check_token_ids(v, "input")
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                if isinstance(item, list):
+                    check_token_ids(item, f"input[{i}]")
+        return v
+
+
+class Embedding(Schema):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(Schema):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Schema):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

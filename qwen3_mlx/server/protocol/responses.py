@@ -1,0 +1,250 @@
+"""`/v1/responses` (OpenAI's Responses API): the request and its input items, the response
+object, its output items and the events of a streamed response."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from .common import (
+    INT32_MAX,
+    CompletionTokensDetails,
+    Open,
+    PromptTokensDetails,
+    Request,
+    Schema,
+    tool_parameters,
+)
+
+# -- the request and its input items -----------------------------------------------------------
+
+
+class ResponsesTool(Schema):
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    _parameters = field_validator("parameters")(tool_parameters)
+
+
+class ResponsesInputText(Open):
+    type: Literal["input_text", "output_text", "text", "summary_text", "reasoning_text"]
+    text: str
+
+
+class ResponsesInputOther(Open):
+    type: Literal["input_image", "input_file", "input_audio", "refusal"]
+
+
+ResponsesPart = Annotated[ResponsesInputText | ResponsesInputOther, Field(discriminator="type")]
+
+
+class ResponsesMessageItem(Open):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[ResponsesPart]
+
+
+class ResponsesFunctionCallItem(Open):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class ResponsesFunctionOutputItem(Open):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[ResponsesPart]
+
+
+class ResponsesReasoningItem(Open):
+    type: Literal["reasoning"]
+    summary: list[ResponsesPart] = Field(default_factory=list)
+    content: list[ResponsesPart] | None = None
+
+
+ResponsesInputItem = (
+    ResponsesFunctionCallItem
+    | ResponsesFunctionOutputItem
+    | ResponsesReasoningItem
+    | ResponsesMessageItem
+)
+
+
+class ReasoningOptions(Schema):
+    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    summary: str | None = None
+
+
+class ResponsesTextFormat(Schema):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesTextOptions(Schema):
+    format: ResponsesTextFormat | None = None
+
+
+class ResponsesRequest(Request):
+    model: str | None = None
+    input: str | list[ResponsesInputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    temperature: float | None = Field(None, ge=0.0, le=5.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    tools: list[ResponsesTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning: ReasoningOptions | None = None
+    text: ResponsesTextOptions | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, v):
+        if not v:
+            raise ValueError("input is empty")
+        return v
+
+
+# -- the response object -----------------------------------------------------------------------
+
+
+class ResponsesUsage(Schema):
+    input_tokens: int
+    input_tokens_details: PromptTokensDetails
+    output_tokens: int
+    output_tokens_details: CompletionTokensDetails
+    total_tokens: int
+
+
+class ResponseObject(Schema):
+    """A `/v1/responses` result; `output` holds reasoning, message and function_call items."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed", "cancelled"]
+    model: str
+    output: list[dict[str, Any]]
+    output_text: str | None = None
+    incomplete_details: dict[str, Any] | None = None
+    instructions: str | None = None
+    parallel_tool_calls: bool = True
+    tool_choice: Any = "auto"
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    temperature: float | None = None
+    top_p: float | None = None
+    max_output_tokens: int | None = None
+    usage: ResponsesUsage | None = None
+    error: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+
+
+# -- responses API: output items and streaming events ---------------------------------------
+
+
+class ResponseOutputText(Schema):
+    type: Literal["output_text"] = "output_text"
+    text: str = ""
+    annotations: list[Any] = Field(default_factory=list)
+
+
+class ResponseReasoningText(Schema):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str = ""
+
+
+class ResponseReasoningOutput(Schema):
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ResponseReasoningText] = Field(default_factory=lambda: [ResponseReasoningText()])
+    status: Literal["in_progress", "completed"] = "in_progress"
+
+
+class ResponseMessageOutput(Schema):
+    type: Literal["message"] = "message"
+    id: str
+    role: Literal["assistant"] = "assistant"
+    status: Literal["in_progress", "completed"] = "in_progress"
+    content: list[ResponseOutputText] = Field(default_factory=lambda: [ResponseOutputText()])
+
+
+class ResponseFunctionCallOutput(Schema):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str = ""
+    status: Literal["in_progress", "completed"] = "in_progress"
+
+
+ResponseOutputItem = ResponseReasoningOutput | ResponseMessageOutput | ResponseFunctionCallOutput
+
+
+class ResponsesEvent(Schema):
+    """One server-sent event of a streamed `/v1/responses` (its `type` is also the SSE event)."""
+
+    type: str
+    sequence_number: int
+
+
+class ResponseLifecycleEvent(ResponsesEvent):
+    response: ResponseObject
+
+
+class ResponseItemEvent(ResponsesEvent):
+    output_index: int
+    item: ResponseOutputItem
+
+
+class ResponsePartEvent(ResponsesEvent):
+    item_id: str
+    output_index: int
+    content_index: int = 0
+    part: ResponseOutputText
+
+
+class ResponseReasoningDelta(ResponsesEvent):
+    item_id: str
+    output_index: int
+    content_index: int = 0
+    delta: str
+
+
+class ResponseReasoningDone(ResponsesEvent):
+    item_id: str
+    output_index: int
+    content_index: int = 0
+    text: str
+
+
+class ResponseTextDelta(ResponseReasoningDelta):
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class ResponseTextDone(ResponseReasoningDone):
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class ResponseArgumentsDelta(ResponsesEvent):
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class ResponseArgumentsDone(ResponsesEvent):
+    item_id: str
+    output_index: int
+    arguments: str

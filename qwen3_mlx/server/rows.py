@@ -1,0 +1,168 @@
+"""The engine rows one HTTP request runs, as one stream of `(choice index, event)`.
+
+A request is one row, or several: `n` choices of a prompt, a completion's list of prompts. Each
+row is a `GenerationRequest` of its own (its own `Sequence`, seed and grammar state) whose events
+arrive tagged with its choice index in one queue, so replies are written in the order the rows
+produce them. The rows sharing a prompt are submitted after the first of them has been
+prefilled (its first event): the engine keeps its KV cache in the prefix store, and the others
+then start from it instead of each prefilling the same prompt.
+
+A client that leaves cancels every row it still had running; a row that fails fails the request
+(a 500, or an error event in a stream) and cancels the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from ..generation import Sequence as Row
+from .engine import Engine, EngineBusy, Failed, Finished, GenerationRequest, Output
+from .guard import error_body
+from .models import LoadedModel
+from .output.common import sse
+from .prepare import ApiError
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# The engine keeps prefixes of 16 tokens or more: a shorter prompt's rows go in together.
+SHARED_PREFILL_MIN = 17
+
+
+class RowChannel:
+    """One row's side of the request's event queue: events are tagged with the row's index."""
+
+    def __init__(self, queue: asyncio.Queue, index: int, loop: asyncio.AbstractEventLoop):
+        self.queue, self.index, self.loop = queue, index, loop
+
+    def put(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, event))
+        except RuntimeError:
+            pass  # the event loop is gone (server shutting down)
+
+
+class Rows:
+    """`groups`: each distinct prompt's rows, in choice order (choice indices count across)."""
+
+    def __init__(self, engine: Engine, model: LoadedModel, groups: Sequence[Sequence[Row]]):
+        self.engine = engine
+        self.queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.requests: list[GenerationRequest] = []
+        self.leaders: list[int] = []  # the first row of each prompt
+        self.waiting: dict[int, list[int]] = {}  # leader → rows submitted after its prefill
+        for group in groups:
+            first = len(self.requests)
+            self.leaders.append(first)
+            for seq in group:
+                channel = RowChannel(self.queue, len(self.requests), loop)
+                self.requests.append(GenerationRequest(model=model, sequence=seq, channel=channel))
+            if len(group) > 1 and len(group[0].prompt_tokens) >= SHARED_PREFILL_MIN:
+                self.waiting[first] = list(range(first + 1, len(self.requests)))
+        self.submitted: list[int] = []
+        self.done: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def submit(self) -> None:
+        """Queue every row that doesn't wait for its prompt's first row (EngineBusy: none)."""
+        later = {i for rows in self.waiting.values() for i in rows}
+        self._submit([i for i in range(len(self.requests)) if i not in later])
+
+    def _submit(self, indices: list[int]) -> None:
+        try:
+            for i in indices:
+                self.engine.submit(self.requests[i])
+                self.submitted.append(i)
+        except EngineBusy:
+            self.cancel()
+            raise
+
+    def cancel(self) -> None:
+        """Cancel the rows still running (the client left, or another row failed)."""
+        left = [i for i in self.submitted if i not in self.done]
+        for i in left:
+            if not self.requests[i].sequence.finished:
+                self.requests[i].cancel()
+        if left:
+            self.engine.wake()
+
+    async def events(self, http: Request) -> AsyncIterator[tuple[int, Output | Finished]]:
+        """Every row's events up to its Finished; stops early if the client disconnects."""
+        try:
+            while len(self.done) < len(self.requests):
+                try:
+                    index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        return
+                    continue
+                if isinstance(event, Failed):
+                    raise ApiError(500, event.message)
+                if index in self.waiting:  # its prefill is done: the prompt's KV cache is stored
+                    self._submit(self.waiting.pop(index))
+                if isinstance(event, Finished):
+                    self.done.add(index)
+                yield index, event
+        finally:
+            self.cancel()
+
+    async def collect(self, http: Request, on_output: Callable[[int, object], None]):
+        """Run to the end, handing each step output to `on_output`; the rows' Finished events."""
+        finished: dict[int, Finished] = {}
+        async for index, event in self.events(http):
+            if isinstance(event, Output):
+                on_output(index, event.step)
+            else:
+                finished[index] = event
+        if len(finished) < len(self.requests) or any(
+            f.finish_reason == "abort" for f in finished.values()
+        ):
+            raise ApiError(499, "client disconnected")
+        return [finished[i] for i in range(len(self.requests))]
+
+    def stream(
+        self,
+        http: Request,
+        head: list[str],
+        on_output: Callable[[int, object], list[str]],
+        on_finish: Callable[[int, Finished], list[str]],
+        on_end: Callable[[list[Finished]], list[str]],
+    ) -> StreamingResponse:
+        """SSE: `head`, then each event's lines, then (all rows finished) `on_end`'s."""
+
+        async def body():
+            for line in head:
+                yield line
+            finished: dict[int, Finished] = {}
+            try:
+                async for index, event in self.events(http):
+                    if isinstance(event, Output):
+                        lines = on_output(index, event.step)
+                    else:
+                        finished[index] = event
+                        lines = on_finish(index, event)
+                    for line in lines:
+                        yield line
+                if len(finished) == len(self.requests):
+                    for line in on_end([finished[i] for i in range(len(self.requests))]):
+                        yield line
+            except ApiError as e:
+                yield sse(error_body(e.message, type=e.type))
+            except EngineBusy as e:
+                yield sse(error_body(str(e), type="server_overloaded", code="queue_full"))
+
+        # Runs after the response ends, also when Starlette cancels it because the client left:
+        # the slots are freed even if the generator above is never resumed.
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+            background=BackgroundTask(self.cancel),
+        )
