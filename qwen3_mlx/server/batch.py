@@ -43,34 +43,50 @@ class Queued:
 
 
 class Batch:
-    """The running batch of one model: rows, their shared BatchKVCache, their sampling step."""
+    """The running batch of one model: rows, their KV cache, their sampling step.
+
+    A lone row keeps its own plain `KVCache`s, so it decodes exactly as `stream_generate` does
+    (the same compiled step and kernels, e.g. the CPU backend's `CpuDecode`, which only plain
+    caches get). A second row turns them into one `BatchKVCache` (left-padded rows); when one
+    row is left it gets plain caches back. Each switch copies the KV cache once.
+    """
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self.rows: list[Row] = []
-        self.cache: list[BatchKVCache] | None = None
+        self.cache: list[KVCache] | list[BatchKVCache] | None = None
         self.step: SamplingStep | None = None
         self.queued: Queued | None = None
 
+    @property
+    def batched(self) -> bool:
+        return self.cache is not None and isinstance(self.cache[0], BatchKVCache)
+
     def add(self, row: Row) -> None:
-        incoming = [BatchKVCache.merge([c]) for c in row.cache]
         if self.cache is None:
-            self.cache = incoming
+            self.cache = row.cache
         else:
-            for mine, theirs in zip(self.cache, incoming, strict=True):
-                mine.extend(theirs)
+            if not self.batched:
+                self.cache = [BatchKVCache.merge([c]) for c in self.cache]
+            for mine, theirs in zip(self.cache, row.cache, strict=True):
+                mine.extend(BatchKVCache.merge([theirs]))
         row.cache = None
         self.rows.append(row)
         self.step = None
 
     def extract(self, index: int, length: int) -> list[KVCache]:
+        """Row `index`'s first `length` cached tokens, as plain caches of their own."""
+        if not self.batched:
+            return [copy_prefix(c, length) for c in self.cache]
         return [copy_prefix(c.extract(index), length) for c in self.cache]
 
     def keep(self, indices: list[int]) -> None:
         self.rows = [self.rows[i] for i in indices]
         if not self.rows:
             self.cache, self.queued = None, None
-        else:
+        elif self.batched and len(self.rows) == 1:
+            self.cache = [c.extract(indices[0]) for c in self.cache]
+        elif self.batched:
             for c in self.cache:
                 c.filter(indices)
         self.step = None

@@ -143,7 +143,7 @@ class Engine(DecodeLoop):
     FAILING_AFTER = 3
 
     def health(self) -> str:
-        """"ok", "failing" (the last FAILING_AFTER requests all ended in an engine error and none
+        """Either "ok", "failing" (the last FAILING_AFTER requests all ended in an engine error and none
         finished since) or "engine stopped"."""
         if not self.alive:
             return "engine stopped"

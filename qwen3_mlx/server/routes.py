@@ -37,6 +37,8 @@ from .prepare import (
     rows,
 )
 from .protocol import (
+    MAX_CHOICES,
+    SERVER_LIMIT,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -52,13 +54,69 @@ from .protocol import (
     ModelList,
     ResponseObject,
     ResponsesRequest,
+    digits_up_to,
     new_id,
     now,
 )
 from .responses_input import responses_to_chat
 from .rows import Rows
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
+# -- what /openapi.json says each operation answers ----------------------------------------------
+
+# Every error is OpenAI's error object (`ErrorResponse`), with one of these statuses. (Validation
+# errors are 400, never FastAPI's 422.)
+ERRORS = {
+    400: "Invalid request: a field fails validation (`error.param` names it), or the request "
+    "can't be served as asked (a prompt longer than the model's context, `max_tokens` over "
+    "--max-tokens-limit, more choices than --max-queue, token ids outside the vocabulary, a "
+    "chat model asked for embeddings…).",
+    401: "Missing or wrong API key (only when the server runs with --api-key).",
+    403: "The Host header names a host this server doesn't answer for (a guard against DNS "
+    "rebinding; see --allowed-hosts).",
+    404: "No such model (with several loaded, `model` must name one of them).",
+    413: "The request body is over the server's limit (--max-body-mb).",
+    503: "The queue is full (--max-queue): retry after the `Retry-After` header's seconds.",
+}
+ERROR_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "string"}}},
+}
+# Any operation: the API key, the Host check and the body size are checked before it runs.
+GUARDED = (401, 403, 413)
+
+STREAM_DESCRIPTION = {
+    "chat": "With `stream: true`: server-sent events, each `data: <chat.completion.chunk>` "
+    "(a `ChatCompletionChunk`), then `data: [DONE]`. An error after the stream began is an "
+    'event `data: {"error": {...}}`.',
+    "completions": "With `stream: true`: server-sent events, each `data: <text_completion>` "
+    "(a `Completion` holding the new text), then `data: [DONE]`. An error after the stream "
+    'began is an event `data: {"error": {...}}`.',
+    "responses": "With `stream: true`: server-sent events `event: <type>` / `data: <event>` "
+    "(response.created, response.output_text.delta, …, response.completed), as OpenAI's "
+    "Responses API streams them.",
+}
+
+
+def responses_of(route: Route) -> dict:
+    """The `responses=` of a route's operation: 200's media types and each error status."""
+    out: dict = {}
+    if route.operation in STREAM_DESCRIPTION:
+        out[200] = {
+            "description": "The reply (JSON), or with `stream: true` a stream of events.",
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "string",
+                        "description": STREAM_DESCRIPTION[route.operation],
+                    }
+                }
+            },
+        }
+    for code in sorted({*GUARDED, *route.errors}):
+        out[code] = {"model": ErrorResponse, "description": ERRORS[code]}
+        if code in ERROR_HEADERS:
+            out[code]["headers"] = ERROR_HEADERS[code]
+    return out
 
 
 @dataclass(frozen=True)
@@ -69,14 +127,15 @@ class Route:
     response: type  # the reply's schema on /v1
     lmstudio_response: type | None = None  # on /api/v0, when it differs
     lmstudio: bool = True  # also served under /api/v0
+    errors: tuple[int, ...] = (400, 404, 503)  # statuses it answers besides GUARDED's
 
 
 ROUTES = [
-    Route("GET", "/models", "list_models", ModelList, LMStudioModelList),
-    Route("GET", "/models/{model_id:path}", "get_model", ModelCard, LMStudioModel),
+    Route("GET", "/models", "list_models", ModelList, LMStudioModelList, errors=()),
+    Route("GET", "/models/{model_id:path}", "get_model", ModelCard, LMStudioModel, errors=(404,)),
     Route("POST", "/chat/completions", "chat", ChatCompletion),
     Route("POST", "/completions", "completions", Completion),
-    Route("POST", "/embeddings", "embeddings", EmbeddingList),
+    Route("POST", "/embeddings", "embeddings", EmbeddingList, errors=(400, 404)),
     Route("POST", "/responses", "responses", ResponseObject, lmstudio=False),
 ]
 PREFIXES = (("/v1", False), ("/api/v0", True))
@@ -85,7 +144,7 @@ PREFIXES = (("/v1", False), ("/api/v0", True))
 def register(app: FastAPI, api: Api) -> None:
     """Serve every route of ROUTES under both prefixes (`/api/v0` calls it with lmstudio=True)."""
     for prefix, lmstudio in PREFIXES:
-        router = APIRouter(prefix=prefix, responses=ERRORS)
+        router = APIRouter(prefix=prefix)
         for route in ROUTES:
             if lmstudio and not route.lmstudio:
                 continue
@@ -95,9 +154,60 @@ def register(app: FastAPI, api: Api) -> None:
                 _endpoint(getattr(api, route.operation), lmstudio),
                 methods=[route.method],
                 response_model=response,
+                responses=responses_of(route),
                 name=route.operation + ("_v0" if lmstudio else ""),
             )
         app.include_router(router)
+    document_server(app, api)
+
+
+def document_server(app: FastAPI, api: Api) -> None:
+    """/openapi.json states this server's own bounds: each `x-server-limit` of the schemas
+    (protocol.common) gets the value this server runs with, and FastAPI's 422, which this server
+    never sends (validation errors are 400), goes."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            vocab = min(m.model.args.vocab_size for m in api.registry)
+            _fill_limits(
+                schema,
+                {
+                    "max-tokens": api.limits.max_tokens,
+                    "choices": min(MAX_CHOICES, api.engine.max_queue),
+                    "token-id": vocab - 1,
+                    "token-id-key": vocab - 1,
+                },
+            )
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _fill_limits(node, limits: dict) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _fill_limits(item, limits)
+        return
+    if not isinstance(node, dict):
+        return
+    kind = node.get(SERVER_LIMIT)
+    value = limits.get(kind)
+    if value is not None:
+        if kind == "token-id-key":
+            node["pattern"] = f"^0*{digits_up_to(value)}$"
+        elif node.get("type") == "array":
+            node["maxItems"] = min(node.get("maxItems", value), value)
+        else:
+            node["maximum"] = min(node.get("maximum", value), value)
+    for child in node.values():
+        _fill_limits(child, limits)
 
 
 def _endpoint(operation, lmstudio: bool):

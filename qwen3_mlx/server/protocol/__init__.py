@@ -41,6 +41,9 @@ from .chat import (
 from .common import (
     INT32_MAX,
     MAX_CHOICES,
+    SERVER_LIMIT,
+    TEXT_SCHEMA,
+    TOOL_PARAMETERS_SCHEMA,
     CompletionTokensDetails,
     ErrorDetail,
     ErrorResponse,
@@ -49,15 +52,24 @@ from .common import (
     Probability,
     PromptTokensDetails,
     Request,
+    RequestPart,
     Schema,
     Usage,
     check_token_ids,
+    digits_up_to,
+    json_schema,
+    max_tokens_schema,
+    model_name,
     new_id,
     now,
+    nullable,
+    token_id_key_schema,
+    token_id_schema,
+    token_ids_schema,
     tool_parameters,
 )
 from .completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
-from .embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from .embeddings import MAX_INPUTS, Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from .lmstudio import LMStudioModel, LMStudioModelList, ModelInfo, Runtime, Stats
 from .models import ModelCard, ModelList
 from .responses import (
@@ -83,8 +95,10 @@ from .responses import (
     ResponsesInputOther,
     ResponsesInputText,
     ResponsesMessageItem,
+    ResponsesMessagePart,
     ResponsesPart,
     ResponsesReasoningItem,
+    ResponsesRefusal,
     ResponsesRequest,
     ResponsesTextFormat,
     ResponsesTextOptions,
@@ -92,13 +106,27 @@ from .responses import (
     ResponsesUsage,
     ResponseTextDelta,
     ResponseTextDone,
+    tool_choice_name,
 )
-from .sampling import JsonSchemaFormat, ResponseFormat, SamplingFields, StreamOptions
+from .sampling import (
+    MAX_STOP,
+    MIN_REPETITION_PENALTY,
+    JsonSchemaFormat,
+    ResponseFormat,
+    SamplingFields,
+    StreamOptions,
+)
 
 __all__ = [
     "INT32_MAX",
     "MAX_CHOICES",
+    "MAX_INPUTS",
+    "MAX_STOP",
+    "MIN_REPETITION_PENALTY",
     "RESERVED_TEMPLATE_KWARGS",
+    "SERVER_LIMIT",
+    "TEXT_SCHEMA",
+    "TOOL_PARAMETERS_SCHEMA",
     "ChatChoice",
     "ChatCompletion",
     "ChatCompletionChunk",
@@ -139,6 +167,7 @@ __all__ = [
     "PromptTokensDetails",
     "ReasoningOptions",
     "Request",
+    "RequestPart",
     "ResponseArgumentsDelta",
     "ResponseArgumentsDone",
     "ResponseFormat",
@@ -167,7 +196,9 @@ __all__ = [
     "ResponsesInputText",
     "ResponsesMessageItem",
     "ResponsesPart",
+    "ResponsesMessagePart",
     "ResponsesReasoningItem",
+    "ResponsesRefusal",
     "ResponsesRequest",
     "ResponsesTextFormat",
     "ResponsesTextOptions",
@@ -183,7 +214,16 @@ __all__ = [
     "ToolChoice",
     "Usage",
     "check_token_ids",
+    "digits_up_to",
+    "json_schema",
+    "max_tokens_schema",
+    "model_name",
     "new_id",
     "now",
+    "nullable",
+    "token_id_key_schema",
+    "token_id_schema",
+    "token_ids_schema",
+    "tool_choice_name",
     "tool_parameters",
 ]

@@ -4,35 +4,53 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from .common import INT32_MAX, Open, Schema, Usage, tool_parameters
+from .common import (
+    INT32_MAX,
+    TOOL_PARAMETERS_SCHEMA,
+    Open,
+    RequestPart,
+    Schema,
+    Usage,
+    json_schema,
+    max_tokens_schema,
+    nullable,
+    tool_parameters,
+)
 from .lmstudio import ModelInfo, Runtime, Stats
 from .sampling import ResponseFormat, SamplingFields
 
 # -- tools -------------------------------------------------------------------------------------
 
 
-class FunctionDefinition(Schema):
+class FunctionDefinition(RequestPart):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None,
+        **json_schema(
+            nullable(TOOL_PARAMETERS_SCHEMA),
+            description="A JSON Schema of the arguments object ({} or null: none).",
+        ),
+    )
     strict: bool | None = None
 
     _parameters = field_validator("parameters")(tool_parameters)
 
 
-class ChatTool(Schema):
+class ChatTool(RequestPart):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(Schema):
+class NamedFunction(RequestPart):
     name: str
 
 
-class NamedToolChoice(Schema):
+class NamedToolChoice(RequestPart):
     type: Literal["function"] = "function"
     function: NamedFunction
 
@@ -52,7 +70,9 @@ class ImagePart(Open):
     type: Literal["image_url", "input_image", "image", "input_audio", "file"]
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+# Image, audio and file parts are parsed (to be refused with a message naming them: this is a
+# text-only model), so they are left out of the OpenAPI document: only text parts are accepted.
+ContentPart = Annotated[TextPart | SkipJsonSchema[ImagePart], Field(discriminator="type")]
 
 
 class FunctionCall(Open):
@@ -87,16 +107,58 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 )
 
 
+def _implies(condition: dict[str, Any], consequence: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema: a request whose fields match `condition` must match `consequence`."""
+    return {
+        "if": {"properties": condition, "required": list(condition)},
+        "then": {"properties": consequence, "required": list(consequence)},
+    }
+
+
 class ChatCompletionRequest(SamplingFields):
+    # `_consistent` below, as far as JSON Schema can say it (a named tool_choice must also name
+    # a function of `tools`, which it can't).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                _implies(
+                    {"top_logprobs": {"type": "integer", "minimum": 1}},
+                    {"logprobs": {"const": True}},
+                ),
+                _implies(
+                    {"tool_choice": {"const": "required"}},
+                    {"tools": {"type": "array", "minItems": 1}},
+                ),
+                _implies(
+                    {"tool_choice": {"type": "object"}}, {"tools": {"type": "array", "minItems": 1}}
+                ),
+            ]
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=-1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(
+        None,
+        ge=-1,
+        le=INT32_MAX,
+        **json_schema(max_tokens_schema(), description="`max_tokens` under OpenAI's newer name."),
+    )
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = None
-    tool_choice: ToolChoice | None = None
+    tool_choice: ToolChoice | None = Field(
+        None, description="A named function must be one of `tools`; 'required' needs `tools`."
+    )
     parallel_tool_calls: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        description="Extra variables for the chat template (`enable_thinking`, …); the names the "
+        "server sets itself are refused.",
+        json_schema_extra=lambda schema: schema["anyOf"][0].update(
+            propertyNames={"not": {"enum": sorted(RESERVED_TEMPLATE_KWARGS)}}
+        ),
+    )
     enable_thinking: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     reasoning_format: Literal["separate", "raw", "deepseek", "none", "auto"] | None = Field(
@@ -126,6 +188,15 @@ class ChatCompletionRequest(SamplingFields):
                         "param": f"chat_template_kwargs.{key}",
                     },
                 )
+        return v
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _max_completion_tokens(cls, v):
+        if v == 0:
+            raise ValueError(
+                "max_completion_tokens must be positive (or -1 for 'until the context ends')"
+            )
         return v
 
     @model_validator(mode="after")

@@ -25,10 +25,18 @@ class Schema(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
-class Open(BaseModel):
-    """Objects clients decorate with their own fields (messages, tool calls): keep them all."""
+class RequestPart(Schema):
+    """A piece of a request. Strict, as OpenAI is: the JSON types are the schema's (`"n": "2"`,
+    `"stream": 1` or `"max_tokens": 8.0` are refused, not coerced); an integer is a number."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(strict=True)
+
+
+class Open(BaseModel):
+    """Request objects clients decorate with their own fields (messages, tool calls): keep them
+    all. Strict as `RequestPart`."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
 
 
 # A Python str decoded from JSON may hold a lone UTF-16 surrogate ("\ud800" escaped alone): it
@@ -54,7 +62,7 @@ def _lone_surrogate(value: Any, loc: tuple) -> tuple[tuple, str] | None:
     return None
 
 
-class Request(Schema):
+class Request(RequestPart):
     """A request body: every string in it, at any depth and in free-form objects too (tools,
     chat_template_kwargs, extra message fields), must be valid Unicode."""
 
@@ -99,6 +107,111 @@ INT32_MAX = 2**31 - 1
 
 # `n` (and a completion's list of prompts): choices per request, as OpenAI bounds them.
 MAX_CHOICES = 128
+
+
+# -- what the OpenAPI document states ---------------------------------------------------------
+#
+# /openapi.json must state what the server accepts. Checks made by field validators (whose error
+# messages name the field as clients expect) are stated here as the field's JSON Schema, written
+# out with `json_schema=` (it replaces the generated one; validation is unchanged). A bound that
+# depends on how the server runs carries `x-server-limit`, which `routes.openapi_for` fills in:
+# "max-tokens" (--max-tokens-limit), "choices" (--max-queue), "token-id" and "token-id-key" (the
+# served models' vocabulary).
+
+SERVER_LIMIT = "x-server-limit"
+
+
+def json_schema(schema: dict[str, Any], **field: Any) -> dict[str, Any]:
+    """`Field(**json_schema(...))`: the field's JSON Schema is `schema` (the generated `anyOf`,
+    `type` and bounds are dropped; title, description and default are kept)."""
+
+    def replace(generated: dict[str, Any]) -> None:
+        kept = {k: generated[k] for k in ("title", "description", "default") if k in generated}
+        generated.clear()
+        generated.update(kept, **schema)
+
+    return {**field, "json_schema_extra": replace}
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [*schema.get("anyOf", [schema]), {"type": "null"}]}
+
+
+def digits_up_to(n: int) -> str:
+    """A regex for the decimal numbers 0..n (no leading zeros)."""
+    top = str(n)
+
+    def same_length(digits: str, first: bool) -> str:
+        # numbers of len(digits) digits (a non-zero first one when `first`), up to `digits`
+        low, high, rest = (1 if first else 0), int(digits[0]), len(digits) - 1
+        options = []
+        if high - 1 >= low:
+            span = str(low) if high - 1 == low else f"[{low}-{high - 1}]"
+            options.append(span + ("[0-9]" * rest if rest < 2 else f"[0-9]{{{rest}}}"))
+        options.append(digits[0] + (same_length(digits[1:], False) if rest else ""))
+        return options[0] if len(options) == 1 else "(?:" + "|".join(options) + ")"
+
+    if len(top) == 1:
+        return f"[0-{top}]"
+    shorter = ["0", "[1-9]" if len(top) == 2 else f"[1-9][0-9]{{0,{len(top) - 2}}}"]
+    return "(?:" + "|".join([*shorter, same_length(top, True)]) + ")"
+
+
+def model_name(kind: str) -> dict[str, Any]:
+    """A request's `model`: with several models served, a name of one of `kind` ("llm" or
+    "embeddings") or unknown (404); another kind's model is a 400."""
+    return {SERVER_LIMIT: f"{kind}-model"}
+
+
+def token_id_schema() -> dict[str, Any]:
+    return {"type": "integer", "minimum": 0, "maximum": INT32_MAX, SERVER_LIMIT: "token-id"}
+
+
+def token_id_key_schema() -> dict[str, Any]:
+    """A token id as a JSON object key (`logit_bias`): up to 10 digits, leading zeros allowed."""
+    return {
+        "type": "string",
+        "pattern": f"^0*{digits_up_to(INT32_MAX)}$",
+        "maxLength": 10,
+        SERVER_LIMIT: "token-id-key",
+    }
+
+
+def token_ids_schema() -> dict[str, Any]:
+    return {"type": "array", "items": token_id_schema(), "minItems": 1}
+
+
+TEXT_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1}
+
+
+def max_tokens_schema(*, minus_one: bool = True) -> dict[str, Any]:
+    """Output tokens: positive (up to --max-tokens-limit), -1 ("until the context ends"), null."""
+    positive = {"type": "integer", "minimum": 1, "maximum": INT32_MAX, SERVER_LIMIT: "max-tokens"}
+    options = [positive, {"type": "integer", "const": -1}] if minus_one else [positive]
+    return nullable({"anyOf": options})
+
+
+# `tool_parameters` below: `{}`, or a JSON Schema (2020-12 unless `$schema` names another) of an
+# object. The keywords a tool's schema mostly uses are spelled out; the meta-schema's rules for
+# the rest can't be, so an invalid schema under another keyword is still a 400.
+_SUBSCHEMA: dict[str, Any] = {"type": ["object", "boolean"]}
+TOOL_PARAMETERS_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "object", "maxProperties": 0},
+        {
+            "type": "object",
+            "properties": {
+                "type": {"const": "object"},
+                "$schema": {"type": "string"},
+                "properties": {"type": "object", "additionalProperties": _SUBSCHEMA},
+                "required": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                "additionalProperties": _SUBSCHEMA,
+                "description": {"type": "string"},
+            },
+            "required": ["type"],
+        },
+    ]
+}
 
 
 def check_token_ids(ids: list, what: str) -> None:

@@ -6,15 +6,42 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .common import MAX_CHOICES, Schema, Usage, check_token_ids
+from .common import (
+    MAX_CHOICES,
+    SERVER_LIMIT,
+    TEXT_SCHEMA,
+    Schema,
+    Usage,
+    check_token_ids,
+    json_schema,
+    token_ids_schema,
+)
 from .lmstudio import ModelInfo, Runtime, Stats
 from .sampling import ResponseFormat, SamplingFields
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A prompt (a string or a list of token ids), or several (a list of strings "
-        "or of token-id lists): one choice each, decoded in one batch."
+        **json_schema(
+            {
+                "anyOf": [
+                    TEXT_SCHEMA,
+                    token_ids_schema(),
+                    *(
+                        {
+                            "type": "array",
+                            "items": item,
+                            "minItems": 1,
+                            "maxItems": MAX_CHOICES,
+                            SERVER_LIMIT: "choices",
+                        }
+                        for item in (TEXT_SCHEMA, token_ids_schema())
+                    ),
+                ]
+            },
+            description="A prompt (a string or a list of token ids), or several (a list of "
+            "strings or of token-id lists): one choice each, decoded in one batch.",
+        )
     )
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)

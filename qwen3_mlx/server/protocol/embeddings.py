@@ -6,12 +6,38 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .common import INT32_MAX, Request, Schema, check_token_ids
+from .common import (
+    INT32_MAX,
+    TEXT_SCHEMA,
+    Request,
+    Schema,
+    check_token_ids,
+    json_schema,
+    model_name,
+    token_ids_schema,
+)
+
+MAX_INPUTS = 2048
 
 
 class EmbeddingRequest(Request):
-    model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = Field(None, json_schema_extra=model_name("embeddings"))
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        **json_schema(
+            {
+                "anyOf": [
+                    TEXT_SCHEMA,
+                    token_ids_schema(),
+                    *(
+                        {"type": "array", "items": item, "minItems": 1, "maxItems": MAX_INPUTS}
+                        for item in (TEXT_SCHEMA, token_ids_schema())
+                    ),
+                ]
+            },
+            description=f"A text or a list of token ids, or up to {MAX_INPUTS} of either: one "
+            "vector each.",
+        )
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, le=INT32_MAX)
     user: str | None = None
@@ -21,8 +47,8 @@ class EmbeddingRequest(Request):
     def _non_empty(cls, v):
         if not v or (isinstance(v, list) and any(isinstance(x, list | str) and not x for x in v)):
             raise ValueError("input must be a non-empty string, list of strings or token ids")
-        if isinstance(v, list) and len(v) > 2048:
-            raise ValueError("at most 2048 inputs per request")
+        if isinstance(v, list) and len(v) > MAX_INPUTS:
+            raise ValueError(f"at most {MAX_INPUTS} inputs per request")
         if isinstance(v, list) and v and isinstance(v[0], int):
             check_token_ids(v, "input")
         elif isinstance(v, list):

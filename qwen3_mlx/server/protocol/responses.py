@@ -5,26 +5,40 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from .common import (
     INT32_MAX,
+    TEXT_SCHEMA,
+    TOOL_PARAMETERS_SCHEMA,
     CompletionTokensDetails,
     Open,
     PromptTokensDetails,
     Request,
+    RequestPart,
     Schema,
+    json_schema,
+    max_tokens_schema,
+    model_name,
+    nullable,
     tool_parameters,
 )
 
 # -- the request and its input items -----------------------------------------------------------
 
 
-class ResponsesTool(Schema):
+class ResponsesTool(RequestPart):
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None,
+        **json_schema(
+            nullable(TOOL_PARAMETERS_SCHEMA),
+            description="A JSON Schema of the arguments object ({} or null: none).",
+        ),
+    )
     strict: bool | None = None
 
     _parameters = field_validator("parameters")(tool_parameters)
@@ -35,17 +49,30 @@ class ResponsesInputText(Open):
     text: str
 
 
+class ResponsesRefusal(Open):
+    type: Literal["refusal"]
+
+
 class ResponsesInputOther(Open):
-    type: Literal["input_image", "input_file", "input_audio", "refusal"]
+    type: Literal["input_image", "input_file", "input_audio"]
 
 
-ResponsesPart = Annotated[ResponsesInputText | ResponsesInputOther, Field(discriminator="type")]
+ResponsesPart = Annotated[
+    ResponsesInputText | ResponsesRefusal | ResponsesInputOther, Field(discriminator="type")
+]
+# A message's image, file and audio parts are parsed (to be refused with a message naming them:
+# this is a text-only model), so they are left out of the OpenAPI document. (Elsewhere, in a
+# function's output or a reasoning item, such parts are accepted and read as no text.)
+ResponsesMessagePart = Annotated[
+    ResponsesInputText | ResponsesRefusal | SkipJsonSchema[ResponsesInputOther],
+    Field(discriminator="type"),
+]
 
 
 class ResponsesMessageItem(Open):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[ResponsesPart]
+    content: str | list[ResponsesMessagePart]
 
 
 class ResponsesFunctionCallItem(Open):
@@ -75,36 +102,135 @@ ResponsesInputItem = (
 )
 
 
-class ReasoningOptions(Schema):
+class ReasoningOptions(RequestPart):
     effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     summary: str | None = None
 
 
-class ResponsesTextFormat(Schema):
+class ResponsesTextFormat(RequestPart):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponsesTextOptions(Schema):
+class ResponsesTextOptions(RequestPart):
     format: ResponsesTextFormat | None = None
 
 
+_NAMED = {"type": "string", "minLength": 1}
+TOOL_CHOICE_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"enum": ["none", "auto", "required"]},
+        {
+            "type": "object",
+            "properties": {"type": {"const": "function"}, "name": _NAMED},
+            "required": ["type", "name"],
+        },
+        {
+            "type": "object",
+            "properties": {
+                "type": {"const": "function"},
+                "name": {"anyOf": [{"const": ""}, {"type": "null"}]},
+                "function": {
+                    "type": "object",
+                    "properties": {"name": _NAMED},
+                    "required": ["name"],
+                },
+            },
+            "required": ["type", "function"],
+        },
+        {"type": "null"},
+    ]
+}
+
+
+def tool_choice_name(choice: dict[str, Any]) -> str | None:
+    """The function a dict `tool_choice` names: `{"type": "function", "name": ...}` (or chat's
+    `{"type": "function", "function": {"name": ...}}`); None if it is neither."""
+    if choice.get("type") != "function":
+        return None
+    name = choice.get("name")
+    if name in (None, ""):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
 class ResponsesRequest(Request):
-    model: str | None = None
-    input: str | list[ResponsesInputItem]
+    # The request needs a message: `instructions`, or an input item other than reasoning. A
+    # named tool_choice (or 'required') needs `tools` (and to name one of them, which JSON Schema
+    # can't say).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"instructions": TEXT_SCHEMA}, "required": ["instructions"]},
+                {"properties": {"input": {"type": "string"}}},
+                {
+                    "properties": {
+                        "input": {
+                            "type": "array",
+                            "contains": {
+                                "not": {
+                                    "properties": {"type": {"const": "reasoning"}},
+                                    "required": ["type"],
+                                }
+                            },
+                        }
+                    }
+                },
+            ],
+            "allOf": [
+                {
+                    "if": {
+                        "properties": {
+                            "tool_choice": {"anyOf": [{"const": "required"}, {"type": "object"}]}
+                        },
+                        "required": ["tool_choice"],
+                    },
+                    "then": {
+                        "properties": {"tools": {"type": "array", "minItems": 1}},
+                        "required": ["tools"],
+                    },
+                }
+            ],
+        }
+    )
+
+    model: str | None = Field(None, json_schema_extra=model_name("llm"))
+    input: str | list[ResponsesInputItem] = Field(
+        json_schema_extra=lambda schema: (
+            schema["anyOf"][0].update(TEXT_SCHEMA),
+            schema["anyOf"][1].update(minItems=1),
+        )
+    )
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_output_tokens: int | None = Field(
+        None, ge=1, le=INT32_MAX, **json_schema(max_tokens_schema(minus_one=False))
+    )
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool = False
     tools: list[ResponsesTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        None,
+        **json_schema(
+            TOOL_CHOICE_SCHEMA,
+            description="'auto', 'none', 'required' or a function of `tools`: "
+            '{"type": "function", "name": ...}.',
+        ),
+    )
     parallel_tool_calls: bool | None = None
     reasoning: ReasoningOptions | None = None
     text: ResponsesTextOptions | None = None
-    previous_response_id: str | None = None
+    previous_response_id: str | None = Field(
+        None,
+        **json_schema(
+            nullable({"type": "string", "maxLength": 0}),
+            description="Not supported (responses are not stored): send the whole conversation "
+            "in `input`.",
+        ),
+    )
     store: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
@@ -114,6 +240,15 @@ class ResponsesRequest(Request):
     def _non_empty(cls, v):
         if not v:
             raise ValueError("input is empty")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v):
+        if isinstance(v, dict) and tool_choice_name(v) is None:
+            raise ValueError(
+                "expected 'auto', 'none', 'required' or {\"type\": \"function\", \"name\": ...}"
+            )
         return v
 
 

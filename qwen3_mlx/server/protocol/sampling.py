@@ -6,23 +6,53 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from .common import INT32_MAX, MAX_CHOICES, Penalty, Probability, Request, Schema
+from .common import (
+    INT32_MAX,
+    MAX_CHOICES,
+    SERVER_LIMIT,
+    TEXT_SCHEMA,
+    Penalty,
+    Probability,
+    Request,
+    RequestPart,
+    json_schema,
+    max_tokens_schema,
+    model_name,
+    nullable,
+    token_id_key_schema,
+)
+
+MAX_STOP = 16
+# A repetition penalty divides logits: one below float32's normal range (~1.2e-38) makes them
+# infinite (and the logprobs not JSON). Any penalty a client means is far above this.
+MIN_REPETITION_PENALTY = 1e-6
 
 
-class StreamOptions(Schema):
+class StreamOptions(RequestPart):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(Schema):
+class JsonSchemaFormat(RequestPart):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(Schema):
+class ResponseFormat(RequestPart):
+    # The validator below, as JSON Schema: type "json_schema" needs its `json_schema` object.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
+            "then": {
+                "properties": {"json_schema": {"type": "object"}},
+                "required": ["json_schema"],
+            },
+        }
+    )
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -36,26 +66,57 @@ class ResponseFormat(Schema):
 class SamplingFields(Request):
     """The generation knobs chat, completions and LM Studio share."""
 
-    model: str | None = None
+    model: str | None = Field(None, json_schema_extra=model_name("llm"))
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: Probability | None = None
-    max_tokens: int | None = Field(None, ge=-1, le=INT32_MAX)
+    max_tokens: int | None = Field(
+        None,
+        ge=-1,
+        le=INT32_MAX,
+        **json_schema(
+            max_tokens_schema(),
+            description="Most tokens to generate: positive (at most the server's "
+            "--max-tokens-limit, if it has one), or -1 or null: until the context is full "
+            "(or that limit).",
+        ),
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = Field(
+        None,
+        **json_schema(
+            nullable(
+                {
+                    "anyOf": [
+                        TEXT_SCHEMA,
+                        {"type": "array", "items": TEXT_SCHEMA, "maxItems": MAX_STOP},
+                    ]
+                }
+            ),
+            description=f"Up to {MAX_STOP} non-empty strings that end generation.",
+        ),
+    )
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    repeat_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10.0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None,
+        description="{token id: bias in [-100, 100]}; token ids of the model's vocabulary.",
+        json_schema_extra=lambda schema: schema["anyOf"][0].update(
+            propertyNames=token_id_key_schema()
+        ),
+    )
     n: int = Field(
         1,
         ge=1,
         le=MAX_CHOICES,
-        description="Choices to generate: each is a row of the running batch (prompt counted once).",
+        description="Choices to generate: each is a row of the running batch (prompt counted "
+        "once). A request's rows (n times its prompts) are at most the server's --max-queue.",
+        json_schema_extra={SERVER_LIMIT: "choices"},
     )
     user: str | None = None
 
@@ -63,8 +124,8 @@ class SamplingFields(Request):
     @classmethod
     def _stop_list(cls, v):
         if isinstance(v, list):
-            if len(v) > 16:
-                raise ValueError("at most 16 stop sequences")
+            if len(v) > MAX_STOP:
+                raise ValueError(f"at most {MAX_STOP} stop sequences")
             if any(not s for s in v):
                 raise ValueError("stop sequences must be non-empty")
         return v
