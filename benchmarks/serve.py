@@ -33,6 +33,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results")
+sys.path.insert(0, str(ROOT))
+
+from tests.server_process import free_port, wait_until_healthy  # noqa: E402
+
 END_OF_TURN = {"151643": -100, "151645": -100}
 
 
@@ -103,19 +107,12 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{impl} server exited; see {log}")
-            try:
-                # mlx_lm.server's /v1/models fails without a Hugging Face cache: poll /health.
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"{impl} server did not come up; see {log}")
+        self.log_path = log
+        # mlx_lm.server's /v1/models fails without a Hugging Face cache: /health is polled.
+        wait_until_healthy(self, 900, f"{impl} server")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -133,6 +130,13 @@ def prompt_text(index: int, tokens: int) -> str:
 
 
 def one_stream(base: str, model: str, prompt: str, max_tokens: int, out: dict) -> None:
+    try:
+        _stream(base, model, prompt, max_tokens, out)
+    except Exception as e:  # reported by run_round, for every stream that failed
+        out["error"] = f"{type(e).__name__}: {e}"
+
+
+def _stream(base: str, model: str, prompt: str, max_tokens: int, out: dict) -> None:
     body = {
         "model": model,
         "prompt": prompt,
@@ -146,7 +150,9 @@ def one_stream(base: str, model: str, prompt: str, max_tokens: int, out: dict) -
     chunks = 0
     with httpx.Client(timeout=600) as client:
         with client.stream("POST", base + "/v1/completions", json=body) as response:
-            response.raise_for_status()
+            if response.status_code != 200:
+                response.read()
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -171,6 +177,9 @@ def run_round(base: str, model: str, streams: int, prompt: int, max_tokens: int,
         t.start()
     for t in threads:
         t.join()
+    failed = [r.get("error", "no tokens") for r in results if not r.get("last")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {streams} streams failed: {failed[0]}")
     end = max(r["last"] for r in results)
     ttft = sorted(r["first"] - r["sent"] for r in results)
     decode = [
@@ -236,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         default="ours,stream_generate,mlx-lm",
         help="in this order; stream_generate runs in this process (the single-stream ceiling)",
     )
-    p.add_argument("--port", type=int, default=18234)
+    p.add_argument("--port", type=int, default=0, help="0: a free one")
     p.add_argument("--out", help="output stem (default: results/serve_<model>_<machine>_<date>)")
     args = p.parse_args(argv)
     streams = [int(x) for x in args.streams.split(",")]
@@ -283,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         log = Path(args.workdir) / f"server-{impl}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        server = Server(impl, model_dir, args.port, max(streams), log)
+        port = args.port or free_port()
+        server = Server(impl, model_dir, port, max(streams), log)
         print(f"{impl}: up in {time.perf_counter() - started:.1f} s", flush=True)
         try:
             for round_index in range(args.rounds):

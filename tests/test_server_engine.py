@@ -297,3 +297,25 @@ def test_health_says_failing_while_every_request_fails(served):
         ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
         assert ok.status_code == 200, ok.text
         assert client.get("/health").json()["status"] == "ok"
+
+
+def test_rows_with_one_prompt_prefill_it_once(served):
+    asyncio.run(_test_rows_with_one_prompt_prefill_it_once(served))
+
+
+async def _test_rows_with_one_prompt_prefill_it_once(served):
+    """`n` choices (or many clients with one long system prompt) arrive together: the first
+    prefills, the others wait for its prefix and start from it."""
+    prompt = served.tokenizer.encode("A long shared prompt about many things. " * 6)
+    engine = Engine([served], max_concurrency=8, prefill_step=16)
+    engine.start()
+    try:
+        requests = [make_request(served, prompt, 6) for _ in range(3)]
+        for request in requests:
+            engine.submit(request)
+        results = [await asyncio.wait_for(_drain(r), 60) for r in requests]
+    finally:
+        engine.close()
+    cached = sorted(finished.cached_tokens for _, finished in results)
+    assert cached == [0, len(prompt) - 1, len(prompt) - 1]
+    assert results[0][0] == results[1][0] == results[2][0]  # greedy: the same reply

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from qwen3_mlx.generation import SequenceOutput
+from qwen3_mlx.generation import Sequence, SequenceOutput
 from qwen3_mlx.parsing import OutputParser
-from qwen3_mlx.server.jobs import EngineBusy, Failed, Finished, Output
+from qwen3_mlx.server.jobs import EngineBusy, Failed, Finished
 from qwen3_mlx.server.output.common import Thinking, finish_reason, reasoning_format, usage_of
 from qwen3_mlx.server.prepare import ApiError
-from qwen3_mlx.server.rows import SHARED_PREFILL_MIN, Rows
+from qwen3_mlx.server.rows import Rows
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"location": "Paris"}}\n</tool_call>'
 
@@ -33,13 +33,7 @@ def steps(text: str, *, size: int, prompt_state: str = "open", parse_tools: bool
     for i, piece in enumerate(pieces):
         deltas = parser.feed(piece) + (parser.finish() if i == len(pieces) - 1 else [])
         out = SequenceOutput(token=0, text=piece)
-        for d in deltas:
-            if d.kind == "reasoning":
-                out.reasoning += d.text
-            elif d.kind == "content":
-                out.content += d.text
-            else:
-                out.tool_calls.append(d)
+        Sequence._collect(deltas, out)
         yield out
 
 
@@ -178,30 +172,16 @@ def run_rows(prompt_length: int, n: int, events):
     return asyncio.run(main())
 
 
-def test_rows_of_a_prompt_wait_for_its_first_rows_prefill():
-    seen = {}
+def test_a_prompts_rows_go_in_together():
+    """The engine shares their prefill (tests/test_server_engine.py), so all are queued at once."""
 
-    async def engine_side(engine, running):
-        seen["before"] = len(engine.submitted)
-        engine.submitted[0].channel.put(Output(SequenceOutput(token=1, text="a")))
-        while len(engine.submitted) < 3:
-            await asyncio.sleep(0.01)
-        for request in engine.submitted:
-            request.channel.put(finished())
-
-    engine, running, done = run_rows(SHARED_PREFILL_MIN, 3, engine_side)
-    assert seen["before"] == 1 and len(engine.submitted) == 3 and len(done) == 3
-    assert running.leaders == [0]
-
-
-def test_short_prompts_rows_go_in_together():
     async def engine_side(engine, running):
         assert len(engine.submitted) == 3
         for request in engine.submitted:
             request.channel.put(finished())
 
-    engine, _, done = run_rows(SHARED_PREFILL_MIN - 1, 3, engine_side)
-    assert len(done) == 3
+    engine, running, done = run_rows(40, 3, engine_side)
+    assert len(done) == 3 and running.leaders == [0]
 
 
 def test_a_failed_row_fails_the_request_and_cancels_the_others():

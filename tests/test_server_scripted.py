@@ -57,7 +57,8 @@ class Script:
             return logits
         vocab = mx.arange(logits.shape[-1])
         rows = []
-        for offset in cache[0].offset.tolist():
+        offsets = cache[0].offset  # a lone row keeps a plain cache (an int offset)
+        for offset in offsets.tolist() if hasattr(offsets, "tolist") else [offsets]:
             position = min(max(offset - self.prompt_length, 0), len(self.tokens) - 1)
             rows.append(mx.where(vocab == self.tokens[position], 50.0, -50.0))
         return mx.stack(rows)

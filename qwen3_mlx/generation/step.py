@@ -120,6 +120,7 @@ class SamplingStep:
             logits = logits.at[rows, ids].add(values)
         if self.penalized:
             logits = apply_penalties(logits, self.penalties)
+        unmasked = logits
         if self.constrained:
             logits = mx.concatenate(
                 [
@@ -136,7 +137,12 @@ class SamplingStep:
             keys = mx.stack([s.rng.next_key() for s in seqs]) if len(seqs) > 1 else None
             keys = keys if keys is not None else seqs[0].rng.next_key()[None]
         tokens = self.share(self.sampler(scores, keys))
-        extra = gather_logprobs(scores, tokens, self.top_n) if self.top_n >= 0 else None
+        extra = None
+        if self.top_n >= 0:
+            # Logprobs are the model's own (penalties applied), not the grammar's: under a mask
+            # the top alternatives would be -inf, which JSON can't carry.
+            source = log_softmax(unmasked) if self.constrained else scores
+            extra = gather_logprobs(source, tokens, self.top_n)
         return Sampled(tokens, extra)
 
     def feed(self, tokens: mx.array) -> mx.array:

@@ -18,7 +18,7 @@ import time
 import mlx.core as mx
 
 from ..distributed.job import share_tokens
-from ..generation import Sampled, SamplingStep, forward, generation_stream
+from ..generation import Sampled, SamplingStep, forward
 from .batch import Batch, Queued
 from .jobs import Output
 
@@ -60,15 +60,14 @@ class DecodeLoop:
                     r.fed.append(r.next_input)
                     r.started = True
         inputs = parts[0] if len(parts) == 1 else mx.concatenate(parts)
-        with mx.stream(generation_stream):
-            logits = forward(batch.loaded.model, inputs[:, None].astype(mx.int32), batch.cache)
-            sampled = self._sample(batch, logits)
-            if sampled is None:
-                return
-            if self._sync is not None:
-                # --parallel: the step's collectives must finish before the next turn's share in
-                # `_admit`, or the ranks could pair up their messages in different orders.
-                mx.eval(sampled.tokens)
+        logits = forward(batch.loaded.model, inputs[:, None].astype(mx.int32), batch.cache)
+        sampled = self._sample(batch, logits)
+        if sampled is None:
+            return
+        if self._sync is not None:
+            # --parallel: the step's collectives must finish before the next turn's share in
+            # `_admit`, or the ranks could pair up their messages in different orders.
+            mx.eval(sampled.tokens)
         batch.queued = Queued(list(batch.rows), batch.step, sampled)
         self.steps += 1
 

@@ -45,11 +45,12 @@ from concurrent.futures import Future
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from ..cache import common_prefix_length
 from .batch import Batch, Row
 from .decode import DecodeLoop
 from .jobs import Channel, Discard, EngineBusy, Failed, Finished, GenerationRequest, Output
 from .models import LoadedModel
-from .prefix import PrefixStore, copy_prefix, kv_bytes_per_token
+from .prefix import PREFIX_MIN, PrefixStore, copy_prefix, kv_bytes_per_token
 
 __all__ = [
     "Channel",
@@ -308,12 +309,26 @@ class Engine(DecodeLoop):
     # -- prefill -------------------------------------------------------------------------------
 
     def _start_prefill(self, request: GenerationRequest) -> Row:
-        row = Row(request)
-        n_layers = len(request.model.model.layers)
-        cached, layers = self._prefixes[request.model.id].lookup(request.prompt)
-        row.cache = layers or [KVCache() for _ in range(n_layers)]
+        return Row(request)  # its cache comes from the prefix store when its prefill starts
+
+    def _begin(self, row: Row) -> bool:
+        """Give `row` its starting cache (the longest stored prefix), unless an earlier prompt
+        still prefilling shares more of its start: then it waits for that one's prefix, which
+        is stored when its prefill ends (`n` choices, one system prompt for many clients)."""
+        prompt, model = row.request.prompt, row.request.model
+        store = self._prefixes[model.id]
+        cached = store.match(prompt)
+        for other in self._prefilling:
+            if other is row:
+                break
+            if other.request.model is model:
+                shared = min(common_prefix_length(other.request.prompt, prompt), len(prompt) - 1)
+                if shared >= PREFIX_MIN and shared > cached:
+                    return False
+        cached, layers = store.lookup(prompt)
+        row.cache = layers or [KVCache() for _ in range(len(model.model.layers))]
         row.cached_tokens = row.prefilled = cached
-        return row
+        return True
 
     def _prefill_chunk(self) -> None:
         """Spend up to `prefill_step` tokens of prefill, oldest request first."""
@@ -325,6 +340,8 @@ class Engine(DecodeLoop):
             if request.cancelled:
                 self._prefilling.remove(row)
                 self._finish_cancelled(request, row)
+                continue
+            if row.cache is None and not self._begin(row):
                 continue
             todo = request.prompt[row.prefilled : len(request.prompt) - 1]
             chunk = todo[:budget]
@@ -344,7 +361,7 @@ class Engine(DecodeLoop):
             if row.prefilled >= len(request.prompt) - 1:
                 self._prefilling.remove(row)
                 prefix = request.prompt[:-1]
-                if len(prefix) >= 16:
+                if len(prefix) >= PREFIX_MIN:
                     self._prefixes[request.model.id].store(
                         prefix, [copy_prefix(c, len(prefix)) for c in row.cache]
                     )
@@ -363,7 +380,7 @@ class Engine(DecodeLoop):
     def _retire(self, batch: Batch, index: int, row: Row) -> None:
         """Send the final event and keep the row's KV cache for the next turn."""
         request = row.request
-        if len(row.fed) >= 16 and row.sequence.finish_reason != "error":
+        if len(row.fed) >= PREFIX_MIN and row.sequence.finish_reason != "error":
             self._prefixes[request.model.id].store(row.fed, batch.extract(index, len(row.fed)))
         seq = row.sequence
         if not seq.finished:  # cancelled, or a grammar that can no longer be satisfied

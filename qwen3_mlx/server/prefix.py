@@ -7,6 +7,9 @@ from mlx_lm.models.cache import KVCache
 
 from ..cache import common_prefix_length as _common_prefix
 
+# Prefixes shorter than this are not worth a store entry (or a wait for one).
+PREFIX_MIN = 16
+
 
 class PrefixStore:
     """KV caches of recent sequences, keyed by the tokens they hold (least recently used out).
@@ -22,6 +25,11 @@ class PrefixStore:
         self.max_bytes = max_bytes
         self.token_bytes = token_bytes
         self.entries: list[tuple[list[int], list[KVCache]]] = []
+
+    def match(self, prompt: list[int]) -> int:
+        """How many of `prompt`'s tokens `lookup` would reuse (nothing is copied)."""
+        best = max((_common_prefix(tokens, prompt) for tokens, _ in self.entries), default=0)
+        return max(0, min(best, len(prompt) - 1))
 
     def lookup(self, prompt: list[int]) -> tuple[int, list[KVCache] | None]:
         """(tokens reused, fresh caches holding them). At least one prompt token is left over."""

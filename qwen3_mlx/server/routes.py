@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,8 @@ from .prepare import (
 )
 from .protocol import (
     MAX_CHOICES,
+    SEED_MAX,
+    SEED_MIN,
     SERVER_LIMIT,
     ChatCompletion,
     ChatCompletionRequest,
@@ -104,10 +107,13 @@ def responses_of(route: Route) -> dict:
         out[200] = {
             "description": "The reply (JSON), or with `stream: true` a stream of events.",
             "content": {
+                # OpenAPI 3.1 has a stream's `schema` describe one event: its fields.
                 "text/event-stream": {
                     "schema": {
-                        "type": "string",
+                        "type": "object",
                         "description": STREAM_DESCRIPTION[route.operation],
+                        "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+                        "required": ["data"],
                     }
                 }
             },
@@ -170,16 +176,7 @@ def document_server(app: FastAPI, api: Api) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = generate()
-            vocab = min(m.model.args.vocab_size for m in api.registry)
-            _fill_limits(
-                schema,
-                {
-                    "max-tokens": api.limits.max_tokens,
-                    "choices": min(MAX_CHOICES, api.engine.max_queue),
-                    "token-id": vocab - 1,
-                    "token-id-key": vocab - 1,
-                },
-            )
+            _fill_limits(schema, server_limits(api))
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
@@ -190,24 +187,53 @@ def document_server(app: FastAPI, api: Api) -> None:
     app.openapi = openapi
 
 
-def _fill_limits(node, limits: dict) -> None:
+def server_limits(api: Api) -> dict[str, Callable[[dict], None]]:
+    """`x-server-limit` kind → how a schema marked with it states this server's bound."""
+    models = list(api.registry or ())  # none: an app documented without models (tests)
+    # Valid for every model:
+    last_id = min(m.model.args.vocab_size for m in models) - 1 if models else None
+    max_queue = getattr(api.engine, "max_queue", None)
+
+    def at_most(value: int | None):
+        def fill(node: dict) -> None:
+            if value is not None:
+                key = "maxItems" if node.get("type") == "array" else "maximum"
+                node[key] = min(node.get(key, value), value)
+
+        return fill
+
+    def not_named(kind: str):
+        # With one model, every name is it; with several, another kind's model is a 400.
+        others = sorted(m.id for m in models if m.kind != kind)
+
+        def fill(node: dict) -> None:
+            if len(models) > 1 and others:
+                node["not"] = {"enum": others}
+
+        return fill
+
+    return {
+        "max-tokens": at_most(api.limits.max_tokens),
+        "choices": at_most(MAX_CHOICES if max_queue is None else min(MAX_CHOICES, max_queue)),
+        "token-id": at_most(last_id),
+        "token-id-key": lambda node: (
+            None if last_id is None else node.update(pattern=f"^0*{digits_up_to(last_id)}$")
+        ),
+        "seed": lambda node: node.update(minimum=SEED_MIN, maximum=SEED_MAX),
+        "llm-model": not_named("llm"),
+        "embeddings-model": not_named("embeddings"),
+    }
+
+
+def _fill_limits(node, fill: dict[str, Callable[[dict], None]]) -> None:
     if isinstance(node, list):
         for item in node:
-            _fill_limits(item, limits)
-        return
-    if not isinstance(node, dict):
-        return
-    kind = node.get(SERVER_LIMIT)
-    value = limits.get(kind)
-    if value is not None:
-        if kind == "token-id-key":
-            node["pattern"] = f"^0*{digits_up_to(value)}$"
-        elif node.get("type") == "array":
-            node["maxItems"] = min(node.get("maxItems", value), value)
-        else:
-            node["maximum"] = min(node.get("maximum", value), value)
-    for child in node.values():
-        _fill_limits(child, limits)
+            _fill_limits(item, fill)
+    elif isinstance(node, dict):
+        if node.get(SERVER_LIMIT) in fill:
+            fill[node[SERVER_LIMIT]](node)
+        for child in node.values():
+            _fill_limits(child, fill)
 
 
 def _endpoint(operation, lmstudio: bool):

@@ -3,9 +3,8 @@
 A request is one row, or several: `n` choices of a prompt, a completion's list of prompts. Each
 row is a `GenerationRequest` of its own (its own `Sequence`, seed and grammar state) whose events
 arrive tagged with its choice index in one queue, so replies are written in the order the rows
-produce them. The rows sharing a prompt are submitted after the first of them has been
-prefilled (its first event): the engine keeps its KV cache in the prefix store, and the others
-then start from it instead of each prefilling the same prompt.
+produce them. They are submitted together; the engine prefills a shared prompt once (the other
+rows wait for its prefix, then start from it).
 
 A client that leaves cancels every row it still had running; a row that fails fails the request
 (a 500, or an error event in a stream) and cancels the others.
@@ -29,9 +28,6 @@ from .prepare import ApiError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-# The engine keeps prefixes of 16 tokens or more: a shorter prompt's rows go in together.
-SHARED_PREFILL_MIN = 17
-
 
 class RowChannel:
     """One row's side of the request's event queue: events are tagged with the row's index."""
@@ -54,16 +50,12 @@ class Rows:
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.requests: list[GenerationRequest] = []
-        self.leaders: list[int] = []  # the first row of each prompt
-        self.waiting: dict[int, list[int]] = {}  # leader → rows submitted after its prefill
+        self.leaders: list[int] = []  # the first row of each prompt (usage counts it once)
         for group in groups:
-            first = len(self.requests)
-            self.leaders.append(first)
+            self.leaders.append(len(self.requests))
             for seq in group:
                 channel = RowChannel(self.queue, len(self.requests), loop)
                 self.requests.append(GenerationRequest(model=model, sequence=seq, channel=channel))
-            if len(group) > 1 and len(group[0].prompt_tokens) >= SHARED_PREFILL_MIN:
-                self.waiting[first] = list(range(first + 1, len(self.requests)))
         self.submitted: list[int] = []
         self.done: set[int] = set()
 
@@ -71,13 +63,9 @@ class Rows:
         return len(self.requests)
 
     def submit(self) -> None:
-        """Queue every row that doesn't wait for its prompt's first row (EngineBusy: none)."""
-        later = {i for rows in self.waiting.values() for i in rows}
-        self._submit([i for i in range(len(self.requests)) if i not in later])
-
-    def _submit(self, indices: list[int]) -> None:
+        """Queue every row (EngineBusy: none of them runs)."""
         try:
-            for i in indices:
+            for i in range(len(self.requests)):
                 self.engine.submit(self.requests[i])
                 self.submitted.append(i)
         except EngineBusy:
@@ -105,8 +93,6 @@ class Rows:
                     continue
                 if isinstance(event, Failed):
                     raise ApiError(500, event.message)
-                if index in self.waiting:  # its prefill is done: the prompt's KV cache is stored
-                    self._submit(self.waiting.pop(index))
                 if isinstance(event, Finished):
                     self.done.add(index)
                 yield index, event

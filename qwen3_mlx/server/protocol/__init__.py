@@ -1,15 +1,16 @@
 """Every request and response of the HTTP API as a typed schema (OpenAI's and LM Studio's shapes).
 
 Requests are validated here, so a bad field becomes a 400 naming it before any work is queued.
-Unknown request fields are ignored, as OpenAI-compatible servers (LM Studio, vLLM) do: clients
-send vendor extras (`user`, `ttl`, Qwen-Agent's `extra` on messages) that must not fail a request.
+Their fields are typed strictly, as OpenAI's are (`"n": "2"` is a 400, not 2). Unknown request
+fields are ignored, as OpenAI-compatible servers (LM Studio, vLLM) do: clients send vendor
+extras (`user`, `ttl`, Qwen-Agent's `extra` on messages) that must not fail a request.
 
 One module per job: `common` (base classes, Unicode check, error object, bounded types, shared
 validators, usage), `sampling` (the generation knobs chat and completions share, response_format),
 `chat`, `completions`, `embeddings`, `models`, `lmstudio` (LM Studio's additions) and `responses`.
 The OpenAPI document (/openapi.json) is generated from these classes, so the constraints a
-validator enforces are also stated in the JSON Schema of the field. Every name is importable from
-here (`from qwen3_mlx.server.protocol import X`).
+validator enforces are also stated in the JSON Schema of the field (see `common`: what the
+document states). Every name is importable from here (`from qwen3_mlx.server.protocol import X`).
 """
 
 from .chat import (
@@ -40,6 +41,7 @@ from .chat import (
 )
 from .common import (
     INT32_MAX,
+    JSON_SCHEMA_DIALECTS,
     MAX_CHOICES,
     SERVER_LIMIT,
     TEXT_SCHEMA,
@@ -47,6 +49,7 @@ from .common import (
     CompletionTokensDetails,
     ErrorDetail,
     ErrorResponse,
+    Integer,
     Open,
     Penalty,
     Probability,
@@ -57,6 +60,7 @@ from .common import (
     Usage,
     check_token_ids,
     digits_up_to,
+    integer,
     json_schema,
     max_tokens_schema,
     model_name,
@@ -111,6 +115,8 @@ from .responses import (
 from .sampling import (
     MAX_STOP,
     MIN_REPETITION_PENALTY,
+    SEED_MAX,
+    SEED_MIN,
     JsonSchemaFormat,
     ResponseFormat,
     SamplingFields,
@@ -119,11 +125,14 @@ from .sampling import (
 
 __all__ = [
     "INT32_MAX",
+    "JSON_SCHEMA_DIALECTS",
     "MAX_CHOICES",
     "MAX_INPUTS",
     "MAX_STOP",
     "MIN_REPETITION_PENALTY",
     "RESERVED_TEMPLATE_KWARGS",
+    "SEED_MAX",
+    "SEED_MIN",
     "SERVER_LIMIT",
     "TEXT_SCHEMA",
     "TOOL_PARAMETERS_SCHEMA",
@@ -153,6 +162,7 @@ __all__ = [
     "FunctionCall",
     "FunctionDefinition",
     "ImagePart",
+    "Integer",
     "JsonSchemaFormat",
     "LMStudioModel",
     "LMStudioModelList",
@@ -195,8 +205,8 @@ __all__ = [
     "ResponsesInputOther",
     "ResponsesInputText",
     "ResponsesMessageItem",
-    "ResponsesPart",
     "ResponsesMessagePart",
+    "ResponsesPart",
     "ResponsesReasoningItem",
     "ResponsesRefusal",
     "ResponsesRequest",
@@ -215,6 +225,7 @@ __all__ = [
     "Usage",
     "check_token_ids",
     "digits_up_to",
+    "integer",
     "json_schema",
     "max_tokens_schema",
     "model_name",

@@ -15,6 +15,7 @@ from .common import (
     RequestPart,
     Schema,
     Usage,
+    integer,
     json_schema,
     max_tokens_schema,
     nullable,
@@ -107,44 +108,69 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 )
 
 
-def _implies(condition: dict[str, Any], consequence: dict[str, Any]) -> dict[str, Any]:
-    """JSON Schema: a request whose fields match `condition` must match `consequence`."""
-    return {
-        "if": {"properties": condition, "required": list(condition)},
-        "then": {"properties": consequence, "required": list(consequence)},
-    }
-
-
 class ChatCompletionRequest(SamplingFields):
-    # `_consistent` below, as far as JSON Schema can say it (a named tool_choice must also name
-    # a function of `tools`, which it can't).
+    # `_consistent` below and the max_tokens rule, as far as JSON Schema can say them (a named
+    # tool_choice must also name a function of `tools`, which it can't). Each is an `anyOf` of
+    # spelled-out cases rather than an if/then (whose `not` schemathesis can't always generate).
     model_config = ConfigDict(
         json_schema_extra={
             "allOf": [
-                _implies(
-                    {"top_logprobs": {"type": "integer", "minimum": 1}},
-                    {"logprobs": {"const": True}},
-                ),
-                _implies(
-                    {"tool_choice": {"const": "required"}},
-                    {"tools": {"type": "array", "minItems": 1}},
-                ),
-                _implies(
-                    {"tool_choice": {"type": "object"}}, {"tools": {"type": "array", "minItems": 1}}
-                ),
+                # max_completion_tokens wins: max_tokens beside it is not held to the limit.
+                {
+                    "anyOf": [
+                        {
+                            "properties": {"max_completion_tokens": {"type": "integer"}},
+                            "required": ["max_completion_tokens"],
+                        },
+                        {
+                            "properties": {
+                                "max_completion_tokens": {"type": "null"},
+                                "max_tokens": max_tokens_schema(),
+                            }
+                        },
+                    ]
+                },
+                # top_logprobs needs logprobs: true
+                {
+                    "anyOf": [
+                        {
+                            "properties": {
+                                "top_logprobs": {"anyOf": [{"type": "null"}, {"maximum": 0}]}
+                            }
+                        },
+                        {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+                    ]
+                },
+                # 'required' or a named function needs tools
+                {
+                    "anyOf": [
+                        {"properties": {"tool_choice": {"enum": ["none", "auto", None]}}},
+                        {
+                            "properties": {"tools": {"type": "array", "minItems": 1}},
+                            "required": ["tools"],
+                        },
+                    ]
+                },
             ]
         }
     )
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(
+    max_tokens: integer(-1, INT32_MAX) | None = Field(
         None,
-        ge=-1,
-        le=INT32_MAX,
+        **json_schema(
+            max_tokens_schema(limited=False),
+            description="Most tokens to generate: positive (at most the server's "
+            "--max-tokens-limit, if it has one), or -1 or null: until the context is full (or "
+            "that limit). `max_completion_tokens`, if set, is used instead.",
+        ),
+    )
+    max_completion_tokens: integer(-1, INT32_MAX) | None = Field(
+        None,
         **json_schema(max_tokens_schema(), description="`max_tokens` under OpenAI's newer name."),
     )
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: integer(0, 20) | None = None
     response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = Field(
@@ -166,10 +192,8 @@ class ChatCompletionRequest(SamplingFields):
         description="'separate' (or 'deepseek', 'auto'): thinking in `reasoning_content`; "
         "'raw' (or 'none'): the `<think>` block stays in `content`. Default: --reasoning-format.",
     )
-    thinking_budget: int | None = Field(
+    thinking_budget: integer(0, INT32_MAX) | None = Field(
         None,
-        ge=0,
-        le=INT32_MAX,
         description="Most tokens the model may think for before `</think>` is forced.",
     )
 

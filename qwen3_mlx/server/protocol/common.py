@@ -9,7 +9,7 @@ import uuid
 from typing import Annotated, Any
 
 from jsonschema import Draft202012Validator, SchemaError, validators
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -27,9 +27,24 @@ class Schema(BaseModel):
 
 class RequestPart(Schema):
     """A piece of a request. Strict, as OpenAI is: the JSON types are the schema's (`"n": "2"`,
-    `"stream": 1` or `"max_tokens": 8.0` are refused, not coerced); an integer is a number."""
+    `"stream": 1` or `"max_tokens": 8.5` are refused, not coerced; see `Integer` for 8.0)."""
 
     model_config = ConfigDict(strict=True)
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# A request's integer: JSON Schema's (a number without a fractional part, `8.0` too), never a
+# bool or a string. (Strict pydantic alone would refuse 8.0; lax would take `true` and "8".)
+Integer = Annotated[int, BeforeValidator(_integral)]
+
+
+def integer(ge: int, le: int) -> Any:
+    """`Integer` within [ge, le]. (The bounds go inside: given to the field of an `Integer |
+    None`, pydantic would check them but write `ge`/`le`, not JSON Schema's words.)"""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
 
 
 class Open(BaseModel):
@@ -114,9 +129,10 @@ MAX_CHOICES = 128
 # /openapi.json must state what the server accepts. Checks made by field validators (whose error
 # messages name the field as clients expect) are stated here as the field's JSON Schema, written
 # out with `json_schema=` (it replaces the generated one; validation is unchanged). A bound that
-# depends on how the server runs carries `x-server-limit`, which `routes.openapi_for` fills in:
-# "max-tokens" (--max-tokens-limit), "choices" (--max-queue), "token-id" and "token-id-key" (the
-# served models' vocabulary).
+# depends on how the server runs carries `x-server-limit`, which `routes.document_server` fills
+# in: "max-tokens" (--max-tokens-limit), "choices" (--max-queue), "token-id" and "token-id-key"
+# (the served models' vocabulary), "llm-model" and "embeddings-model" (the served models' names);
+# and "seed", whose bounds FastAPI would round (its OpenAPI models hold bounds as floats).
 
 SERVER_LIMIT = "x-server-limit"
 
@@ -184,32 +200,62 @@ def token_ids_schema() -> dict[str, Any]:
 TEXT_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1}
 
 
-def max_tokens_schema(*, minus_one: bool = True) -> dict[str, Any]:
-    """Output tokens: positive (up to --max-tokens-limit), -1 ("until the context ends"), null."""
-    positive = {"type": "integer", "minimum": 1, "maximum": INT32_MAX, SERVER_LIMIT: "max-tokens"}
+def max_tokens_schema(*, minus_one: bool = True, limited: bool = True) -> dict[str, Any]:
+    """Output tokens: positive (up to --max-tokens-limit if `limited`), -1 ("until the context
+    ends"), null."""
+    positive = {"type": "integer", "minimum": 1, "maximum": INT32_MAX}
+    if limited:
+        positive[SERVER_LIMIT] = "max-tokens"
     options = [positive, {"type": "integer", "const": -1}] if minus_one else [positive]
     return nullable({"anyOf": options})
 
 
-# `tool_parameters` below: `{}`, or a JSON Schema (2020-12 unless `$schema` names another) of an
-# object. The keywords a tool's schema mostly uses are spelled out; the meta-schema's rules for
-# the rest can't be, so an invalid schema under another keyword is still a 400.
-_SUBSCHEMA: dict[str, Any] = {"type": ["object", "boolean"]}
+# `tool_parameters` below: `{}`, or a JSON Schema of an object, in a dialect jsonschema and
+# llguidance know (2020-12 if `$schema` is left out). Stated here: its top-level `type` and
+# `$schema`, and the types the dialect gives the keywords a tool's schema mostly uses. (JSON
+# Schema's meta-schema, what the validator checks the rest against, is recursive and large:
+# spelled out in full, it tripled a schemathesis run's time and tripped its generator.)
+def _dialect(*drafts: str) -> list[str]:
+    return [
+        uri + end
+        for draft in drafts
+        for uri in (
+            f"http://json-schema.org/{draft}/schema"
+            if draft.startswith("draft-")
+            else f"https://json-schema.org/draft/{draft}/schema",
+        )
+        for end in ("", "#")
+    ]
+
+
+# Not draft-03, whose `required` (a boolean) llguidance can't enforce.
+_DRAFT_04 = _dialect("draft-04")  # no boolean schemas; `required` has an item or more
+_NEW_DIALECTS = _dialect("draft-06", "draft-07", "2019-09", "2020-12")
+JSON_SCHEMA_DIALECTS = (*_DRAFT_04, *_NEW_DIALECTS)
+
+
+def _tool_schema(dialects: list[str], subschema: Any, required: Any, *, default: bool) -> dict:
+    """An object schema in `dialects` (also with no `$schema` if `default`): its keywords."""
+    return {
+        "type": "object",
+        "properties": {
+            "type": {"const": "object"},
+            "$schema": {"enum": dialects},
+            "properties": {"type": "object", "additionalProperties": subschema},
+            "required": required,
+            "additionalProperties": {"type": ["object", "boolean"]},
+            "description": {"type": "string"},
+        },
+        "required": ["type"] if default else ["type", "$schema"],
+    }
+
+
+_STRINGS = {"type": "array", "items": {"type": "string"}, "uniqueItems": True}
 TOOL_PARAMETERS_SCHEMA: dict[str, Any] = {
     "anyOf": [
         {"type": "object", "maxProperties": 0},
-        {
-            "type": "object",
-            "properties": {
-                "type": {"const": "object"},
-                "$schema": {"type": "string"},
-                "properties": {"type": "object", "additionalProperties": _SUBSCHEMA},
-                "required": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
-                "additionalProperties": _SUBSCHEMA,
-                "description": {"type": "string"},
-            },
-            "required": ["type"],
-        },
+        _tool_schema(_NEW_DIALECTS, {"type": ["object", "boolean"]}, _STRINGS, default=True),
+        _tool_schema(_DRAFT_04, {"type": "object"}, {**_STRINGS, "minItems": 1}, default=False),
     ]
 }
 
@@ -230,8 +276,17 @@ def tool_parameters(v: dict[str, Any] | None) -> dict[str, Any] | None:
             '{"type": "object", "properties": {...}}, '
             f"not one of type {v.get('type')!r}"
         )
-    if not isinstance(v.get("$schema", ""), str):
-        raise ValueError("not a valid JSON Schema: '$schema' must be a URI string")
+    dialect = v.get("$schema")
+    if dialect is not None and (
+        not isinstance(dialect, str) or dialect not in JSON_SCHEMA_DIALECTS
+    ):
+        # jsonschema would check it as 2020-12 (and warn that this will become an error), and
+        # llguidance, enforcing a required tool call, refuses a dialect it doesn't know.
+        raise ValueError(
+            "not a valid JSON Schema: '$schema' must name a JSON Schema dialect "
+            "(draft-04 to 2020-12, e.g. 'https://json-schema.org/draft/2020-12/schema') "
+            "or be left out"
+        )
     try:
         validators.validator_for(v, default=Draft202012Validator).check_schema(v)
     except SchemaError as e:

@@ -10,9 +10,11 @@ from .common import (
     MAX_CHOICES,
     SERVER_LIMIT,
     TEXT_SCHEMA,
+    Integer,
     Schema,
     Usage,
     check_token_ids,
+    integer,
     json_schema,
     token_ids_schema,
 )
@@ -21,7 +23,7 @@ from .sampling import ResponseFormat, SamplingFields
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | list[str] | list[Integer] | list[list[Integer]] = Field(
         **json_schema(
             {
                 "anyOf": [
@@ -44,7 +46,7 @@ class CompletionRequest(SamplingFields):
         )
     )
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: integer(0, 20) | None = None
     response_format: ResponseFormat | None = None
 
     @field_validator("prompt")

@@ -9,9 +9,11 @@ from pydantic import Field, field_validator
 from .common import (
     INT32_MAX,
     TEXT_SCHEMA,
+    Integer,
     Request,
     Schema,
     check_token_ids,
+    integer,
     json_schema,
     model_name,
     token_ids_schema,
@@ -22,7 +24,7 @@ MAX_INPUTS = 2048
 
 class EmbeddingRequest(Request):
     model: str | None = Field(None, json_schema_extra=model_name("embeddings"))
-    input: str | list[str] | list[int] | list[list[int]] = Field(
+    input: str | list[str] | list[Integer] | list[list[Integer]] = Field(
         **json_schema(
             {
                 "anyOf": [
@@ -39,7 +41,7 @@ class EmbeddingRequest(Request):
         )
     )
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, le=INT32_MAX)
+    dimensions: integer(1, INT32_MAX) | None = None
     user: str | None = None
 
     @field_validator("input")

@@ -18,6 +18,7 @@ from .common import (
     Request,
     RequestPart,
     Schema,
+    integer,
     json_schema,
     max_tokens_schema,
     model_name,
@@ -163,37 +164,49 @@ class ResponsesRequest(Request):
     # can't say).
     model_config = ConfigDict(
         json_schema_extra={
-            "anyOf": [
-                {"properties": {"instructions": TEXT_SCHEMA}, "required": ["instructions"]},
-                {"properties": {"input": {"type": "string"}}},
-                {
-                    "properties": {
-                        "input": {
-                            "type": "array",
-                            "contains": {
-                                "not": {
-                                    "properties": {"type": {"const": "reasoning"}},
-                                    "required": ["type"],
-                                }
-                            },
-                        }
-                    }
-                },
-            ],
             "allOf": [
                 {
-                    "if": {
-                        "properties": {
-                            "tool_choice": {"anyOf": [{"const": "required"}, {"type": "object"}]}
+                    "anyOf": [
+                        {"properties": {"instructions": TEXT_SCHEMA}, "required": ["instructions"]},
+                        {"properties": {"input": {"type": "string"}}},
+                        {
+                            "properties": {
+                                "input": {
+                                    "type": "array",
+                                    "contains": {
+                                        "anyOf": [
+                                            {
+                                                "properties": {"type": {"const": "message"}},
+                                                "required": ["role"],
+                                            },
+                                            {
+                                                "properties": {
+                                                    "type": {
+                                                        "enum": [
+                                                            "function_call",
+                                                            "function_call_output",
+                                                        ]
+                                                    }
+                                                },
+                                                "required": ["type"],
+                                            },
+                                        ]
+                                    },
+                                }
+                            }
                         },
-                        "required": ["tool_choice"],
-                    },
-                    "then": {
-                        "properties": {"tools": {"type": "array", "minItems": 1}},
-                        "required": ["tools"],
-                    },
-                }
-            ],
+                    ]
+                },
+                {
+                    "anyOf": [
+                        {"properties": {"tool_choice": {"enum": ["none", "auto", None]}}},
+                        {
+                            "properties": {"tools": {"type": "array", "minItems": 1}},
+                            "required": ["tools"],
+                        },
+                    ]
+                },
+            ]
         }
     )
 
@@ -205,8 +218,8 @@ class ResponsesRequest(Request):
         )
     )
     instructions: str | None = None
-    max_output_tokens: int | None = Field(
-        None, ge=1, le=INT32_MAX, **json_schema(max_tokens_schema(minus_one=False))
+    max_output_tokens: integer(1, INT32_MAX) | None = Field(
+        None, **json_schema(max_tokens_schema(minus_one=False))
     )
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)

@@ -13,10 +13,12 @@ from .common import (
     MAX_CHOICES,
     SERVER_LIMIT,
     TEXT_SCHEMA,
+    Integer,
     Penalty,
     Probability,
     Request,
     RequestPart,
+    integer,
     json_schema,
     max_tokens_schema,
     model_name,
@@ -25,6 +27,7 @@ from .common import (
 )
 
 MAX_STOP = 16
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # an int64 or a uint64 (taken modulo 2**64)
 # A repetition penalty divides logits: one below float32's normal range (~1.2e-38) makes them
 # infinite (and the logprobs not JSON). Any penalty a client means is far above this.
 MIN_REPETITION_PENALTY = 1e-6
@@ -45,11 +48,10 @@ class ResponseFormat(RequestPart):
     # The validator below, as JSON Schema: type "json_schema" needs its `json_schema` object.
     model_config = ConfigDict(
         json_schema_extra={
-            "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
-            "then": {
-                "properties": {"json_schema": {"type": "object"}},
-                "required": ["json_schema"],
-            },
+            "anyOf": [
+                {"properties": {"type": {"enum": ["text", "json_object"]}}},
+                {"properties": {"json_schema": {"type": "object"}}, "required": ["json_schema"]},
+            ]
         }
     )
 
@@ -69,12 +71,10 @@ class SamplingFields(Request):
     model: str | None = Field(None, json_schema_extra=model_name("llm"))
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
+    top_k: integer(-1, INT32_MAX) | None = None
     min_p: Probability | None = None
-    max_tokens: int | None = Field(
+    max_tokens: integer(-1, INT32_MAX) | None = Field(
         None,
-        ge=-1,
-        le=INT32_MAX,
         **json_schema(
             max_tokens_schema(),
             description="Most tokens to generate: positive (at most the server's "
@@ -98,7 +98,10 @@ class SamplingFields(Request):
             description=f"Up to {MAX_STOP} non-empty strings that end generation.",
         ),
     )
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    seed: integer(SEED_MIN, SEED_MAX) | None = Field(
+        None,
+        json_schema_extra=lambda schema: schema["anyOf"][0].update({SERVER_LIMIT: "seed"}),
+    )
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repeat_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10.0)
@@ -110,7 +113,7 @@ class SamplingFields(Request):
             propertyNames=token_id_key_schema()
         ),
     )
-    n: int = Field(
+    n: Integer = Field(
         1,
         ge=1,
         le=MAX_CHOICES,

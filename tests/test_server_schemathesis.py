@@ -1,0 +1,202 @@
+"""/openapi.json states what the server accepts and returns: `schemathesis run --checks all`
+against a real server process finds nothing.
+
+Every check is on: no 5xx, documented status codes, content types and headers, response bodies
+(and SSE events) matching their schemas, schema-valid requests accepted (2xx, or 404 for an
+unknown model), schema-violating ones refused (4xx), methods the document doesn't list refused
+(405). The run is bounded and deterministic (`--generation-deterministic`, a fixed number of
+examples per operation) and cheap: the server caps every reply at --max-tokens-limit tokens,
+which its /openapi.json states as `max_tokens`' maximum. It serves the demo model twice, as a
+chat model and as an embedding model, so /v1/embeddings is exercised too.
+
+What the document says only in words is left to a hook (`before_call`, this module, loaded by
+schemathesis with SCHEMATHESIS_HOOKS), which makes each schema-valid request also: name, in a
+named `tool_choice`, a function of its `tools` (JSON Schema can't relate the two); ask for no
+more rows than --max-queue (`n` times the prompts: JSON Schema bounds each, not the product);
+and give tools parameters that are valid JSON Schema (the document states the keywords tools
+mostly use, not JSON Schema's whole meta-schema).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen3_mlx.server.protocol import tool_parameters
+
+MAX_TOKENS = 16
+MAX_QUEUE = 16
+EMBEDDING_ID = "demo-embedding"
+# The hook module's own name: schemathesis imports it in its process (see `before_call`).
+HOOKS = "tests.test_server_schemathesis"
+
+
+def before_call(ctx, case, kwargs) -> None:
+    """Make a schema-valid body satisfy the rules between fields that JSON Schema can't say."""
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive or not isinstance(case.body, dict):
+        return
+    body = case.body
+    choice, tools = body.get("tool_choice"), body.get("tools")
+    if isinstance(choice, dict) and isinstance(tools, list) and tools:
+        first = tools[0]  # chat: {"function": {"name"}}; the Responses API: {"name"}
+        name = first.get("function", first).get("name") if isinstance(first, dict) else None
+        if isinstance(name, str):
+            if isinstance(choice.get("function"), dict):
+                choice["function"]["name"] = name
+            if choice.get("name"):
+                choice["name"] = name
+    for tool in tools if isinstance(tools, list) else ():
+        holder = tool.get("function", tool) if isinstance(tool, dict) else None
+        if isinstance(holder, dict) and isinstance(holder.get("parameters"), dict):
+            try:
+                tool_parameters(holder["parameters"])
+            except ValueError:  # valid JSON Schema: the document says so, but doesn't spell it
+                holder["parameters"] = {"type": "object"}
+    prompt, n = body.get("prompt"), body.get("n", 1)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if isinstance(n, int | float) and len(prompt) * n > MAX_QUEUE:
+            body["n"] = max(1, MAX_QUEUE // len(prompt))
+
+
+if os.environ.get("SCHEMATHESIS_HOOKS") == HOOKS:  # imported by schemathesis, not by pytest
+    import schemathesis
+
+    schemathesis.hook(before_call)
+
+
+@pytest.fixture(scope="module")
+def schema_server(demo_model_dir, tmp_path_factory):
+    from tests.server_process import ServerProcess
+
+    # The demo model again, under another name (a directory of links to its files).
+    embedding = tmp_path_factory.mktemp("models") / EMBEDDING_ID
+    embedding.mkdir()
+    for file in Path(demo_model_dir).iterdir():
+        (embedding / file.name).symlink_to(file.resolve())
+    server = ServerProcess(
+        [
+            "--model",
+            str(demo_model_dir),
+            "--embedding",
+            str(embedding),
+            "--max-tokens-limit",
+            str(MAX_TOKENS),
+            "--max-queue",
+            str(MAX_QUEUE),
+        ]
+    )
+    yield server
+    server.stop()
+
+
+def schemathesis_run(server, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    pytest.importorskip("schemathesis")
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": HOOKS,
+        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    command = [
+        *(sys.executable, "-m", "schemathesis.cli", "run", server.base + "/openapi.json"),
+        *("--checks", "all"),
+        *("--include-path-regex", "^/(v1|api/v0)/"),
+        "--generation-deterministic",
+        *("--suppress-health-check", "all"),
+        *("--request-timeout", "20"),
+        *("--workers", "1"),
+        "--continue-on-failure",
+        *("--output-sanitize", "false"),
+        "--no-color",
+        *args,
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, cwd=root, env=env
+    )
+
+
+def assert_no_failures(result: subprocess.CompletedProcess, server) -> None:
+    out = result.stdout
+    report = out[out.find("FAILURES") :][:20000] if "FAILURES" in out else out[-8000:]
+    report += result.stderr[-3000:]
+    assert result.returncode == 0, report + "\n--- server log ---\n" + server.output()[-3000:]
+    assert "No issues found" in out, report
+    assert server.health()["status"] == "ok"
+
+
+def test_openapi_states_what_the_server_does(schema_server):
+    """The /v1 operations: boundary values of every field (coverage) and random requests."""
+    result = schemathesis_run(
+        schema_server,
+        *("--phases", "coverage,fuzzing"),
+        *("--max-examples", "20"),
+        *("--include-path-regex", "^/v1/"),
+    )
+    assert_no_failures(result, schema_server)
+
+
+def test_openapi_states_what_the_lmstudio_routes_do(schema_server):
+    """/api/v0: the same operations (and request schemas) as /v1, with LM Studio's replies."""
+    result = schemathesis_run(
+        schema_server,
+        *("--phases", "fuzzing"),
+        *("--max-examples", "20"),
+        *("--include-path-regex", "^/api/v0/"),
+    )
+    assert_no_failures(result, schema_server)
+
+
+def test_openapi_documents_the_server_limits(schema_server):
+    """The bounds that depend on how the server runs are this server's, and no 422 (validation
+    errors are 400) is promised."""
+    import httpx
+
+    doc = httpx.get(schema_server.base + "/openapi.json", timeout=30).json()
+    schemas = doc["components"]["schemas"]
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    limited = next(s for s in chat["max_completion_tokens"]["anyOf"] if "maximum" in s)
+    assert limited["maximum"] == MAX_TOKENS
+    assert chat["n"]["maximum"] == MAX_QUEUE
+    seed = chat["seed"]["anyOf"][0]
+    assert (seed["minimum"], seed["maximum"]) == (-(2**63), 2**64 - 1)
+    assert schemas["EmbeddingRequest"]["properties"]["model"]["not"] == {"enum": ["qwen3-mlx-demo"]}
+    assert chat["model"]["not"] == {"enum": [EMBEDDING_ID]}
+    assert "HTTPValidationError" not in schemas
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "422" not in responses, (method, path)
+            assert {"401", "403", "413"} <= set(responses), (method, path)
+            if method == "post":
+                assert {"400", "404"} <= set(responses), (method, path)
+                assert responses["400"]["content"]["application/json"]["schema"] == {
+                    "$ref": "#/components/schemas/ErrorResponse"
+                }
+            if path.endswith(("/chat/completions", "/completions", "/responses")):
+                assert "text/event-stream" in responses["200"]["content"], path
+
+
+def test_constrained_top_logprobs(schema_server):
+    """Top logprobs under a grammar are the model's own: read after the mask they were -inf,
+    which JSON can't carry (a 500, "-Infinity" in a stream)."""
+    import httpx
+
+    body = {
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": MAX_TOKENS,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        ],
+        "tool_choice": {"type": "function", "function": {"name": "f"}},
+    }
+    r = httpx.post(schema_server.v1 + "/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    top = r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    assert len(top) == 3 and all(isinstance(t["logprob"], float) for t in top)
