@@ -8,10 +8,10 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from .chat import FunctionDefinition
 from .common import (
     INT32_MAX,
     TEXT_SCHEMA,
-    TOOL_PARAMETERS_SCHEMA,
     CompletionTokensDetails,
     Open,
     PromptTokensDetails,
@@ -23,26 +23,15 @@ from .common import (
     max_tokens_schema,
     model_name,
     nullable,
-    tool_parameters,
 )
 
 # -- the request and its input items -----------------------------------------------------------
 
 
-class ResponsesTool(RequestPart):
-    type: Literal["function"]
-    name: str = Field(min_length=1, max_length=128)
-    description: str | None = None
-    parameters: dict[str, Any] | None = Field(
-        None,
-        **json_schema(
-            nullable(TOOL_PARAMETERS_SCHEMA),
-            description="A JSON Schema of the arguments object ({} or null: none).",
-        ),
-    )
-    strict: bool | None = None
+class ResponsesTool(FunctionDefinition):
+    """The Responses API's tool: chat's function definition with its `type` beside it."""
 
-    _parameters = field_validator("parameters")(tool_parameters)
+    type: Literal["function"]
 
 
 class ResponsesInputText(Open):
