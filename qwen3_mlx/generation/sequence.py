@@ -201,11 +201,6 @@ class Sequence:
         also = (self.tokenizer.think_start_id,) if self._think_state == "open" else ()
         return self.constraint.apply(logits, also)
 
-    def observe(self, token: mx.array) -> None:
-        """Tell the penalties a generated token is being fed to the model (lazy is fine)."""
-        if self.penalties is not None:
-            self.penalties.observe(token)
-
     def append(self, token: int, logprobs: TokenLogprob | None = None) -> SequenceOutput:
         """Add the next token (sampled, or `forced_token`); return what it produced."""
         if self.finished:
