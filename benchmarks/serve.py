@@ -148,6 +148,7 @@ def _stream(base: str, model: str, prompt: str, max_tokens: int, out: dict) -> N
     sent = time.perf_counter()
     first = last = None
     chunks = 0
+    times = out.get("times")  # a list to record every chunk's arrival in (the join scenario)
     with httpx.Client(timeout=600) as client:
         with client.stream("POST", base + "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -160,6 +161,8 @@ def _stream(base: str, model: str, prompt: str, max_tokens: int, out: dict) -> N
                 first = first or now
                 last = now
                 chunks += 1
+                if times is not None:
+                    times.append(now)
     out.update(sent=sent, first=first, last=last, chunks=chunks)
 
 
@@ -192,6 +195,47 @@ def run_round(base: str, model: str, streams: int, prompt: int, max_tokens: int,
         "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
         "ttft_max_s": ttft[-1],
         "wall_s": end - start,
+    }
+
+
+def run_join(base: str, model: str, running: int, prompt: int, max_tokens: int) -> dict:
+    """`running` streams decode; once each has `max_tokens // 4` tokens, a newcomer with a prompt of
+    `prompt` tokens joins. Their tok/s while it prefills (from its request to its first token)
+    against the same span just before it, and the newcomer's time to first token."""
+    results = [{"times": []} for _ in range(running)]
+    threads = [
+        threading.Thread(
+            target=one_stream,
+            args=(base, model, prompt_text(7000 + i, 128), max_tokens, results[i]),
+        )
+        for i in range(running)
+    ]
+    for t in threads:
+        t.start()
+    while any(len(r["times"]) < max_tokens // 4 for r in results) and any(
+        t.is_alive() for t in threads
+    ):
+        time.sleep(0.01)
+    newcomer: dict = {}
+    one_stream(base, model, prompt_text(7999, prompt), 8, newcomer)
+    for t in threads:
+        t.join()
+    if "error" in newcomer or any("error" in r for r in results):
+        raise RuntimeError(newcomer.get("error") or next(r["error"] for r in results))
+    start, first = newcomer["sent"], newcomer["first"]
+    span = first - start
+
+    def rate(a: float, b: float) -> float:
+        return sum(a <= t < b for r in results for t in r["times"]) / (b - a)
+
+    end = min(first, min(r["times"][-1] for r in results))  # while all of them still ran
+    before, during = rate(start - (end - start), start), rate(start, end)
+    return {
+        "newcomer_ttft_s": span,
+        "measured_over_s": end - start,
+        "running_tok_s_before": before,
+        "running_tok_s_during_prefill": during,
+        "running_speed_kept": during / before if before else 0.0,
     }
 
 
@@ -245,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         default="ours,stream_generate,mlx-lm",
         help="in this order; stream_generate runs in this process (the single-stream ceiling)",
     )
+    p.add_argument(
+        "--join",
+        default="",
+        help="RUNNING:PROMPT, e.g. 7:2048: a newcomer with a PROMPT-token prompt joins RUNNING "
+        "decoding streams (max-tokens x 16 each); their speed while it prefills, its TTFT",
+    )
     p.add_argument("--port", type=int, default=0, help="0: a free one")
     p.add_argument("--out", help="output stem (default: results/serve_<model>_<machine>_<date>)")
     args = p.parse_args(argv)
@@ -261,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_dir = Path(args.model)
 
-    rows, ceiling_rows = [], []
+    rows, ceiling_rows, joins = [], [], []
     stem = args.out or str(RESULTS / f"serve_{name}_{platform.node()}_{time.strftime('%Y-%m-%d')}")
 
     def save() -> dict:  # after every configuration: a run cut short keeps what it measured
@@ -276,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_tokens": args.max_tokens,
             "rows": rows,
             "ceiling": ceiling_rows,
+            "join": joins,
             "summary": summarize(rows, ceiling_rows),
         }
         Path(stem + ".json").write_text(json.dumps(record, indent=2))
@@ -293,9 +344,19 @@ def main(argv: list[str] | None = None) -> int:
         log.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         port = args.port or free_port()
-        server = Server(impl, model_dir, port, max(streams), log)
+        joining = [int(x) for x in args.join.split(":")] if args.join and impl == "ours" else []
+        server = Server(impl, model_dir, port, max(streams + [j + 1 for j in joining[:1]]), log)
         print(f"{impl}: up in {time.perf_counter() - started:.1f} s", flush=True)
         try:
+            if joining:
+                try:
+                    row = run_join(server.base, str(model_dir), *joining, 16 * args.max_tokens)
+                except RuntimeError as e:
+                    row = {"error": str(e)}
+                row.update(impl=impl, join=args.join)
+                joins.append(row)
+                save()
+                print(f"{impl} join {args.join}: {json.dumps(row)}", flush=True)
             for round_index in range(args.rounds):
                 for prompt in prompts:
                     for n in streams:

@@ -10,8 +10,9 @@ import threading
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+from qwen3_mlx.cache import make_cache
 from qwen3_mlx.generation import Sequence, forward
 from qwen3_mlx.sampling import SamplingParams
 from qwen3_mlx.server.engine import (
@@ -33,9 +34,12 @@ def served(tiny_qwen3_dir):
     return load_served_model(str(tiny_qwen3_dir))
 
 
-def single_logits(model, prompt: list[int], continuation: list[int]) -> list[mx.array]:
-    """Logits after the prompt, then after each continuation token, with a plain KV cache."""
-    cache = [KVCache() for _ in model.layers]
+def single_logits(
+    model, prompt: list[int], continuation: list[int], kv_bits=None
+) -> list[mx.array]:
+    """Logits after the prompt, then after each continuation token, with a KV cache of its own
+    (plain, or quantized to `kv_bits`)."""
+    cache = make_cache(model, kv_bits, 32)  # the tiny model's head_dim is 32
     out = [forward(model, mx.array([prompt]), cache)[0]]
     for token in continuation:
         out.append(forward(model, mx.array([[token]]), cache)[0])
@@ -70,7 +74,7 @@ def test_batched_logits_equal_single_sequence_logits(served):
         batch.add(row)
 
     def step():
-        logits = forward(model, mx.array([[r.next_input] for r in batch.rows]), batch.cache)
+        logits = batch.forward(mx.array([r.next_input for r in batch.rows]))
         for i, row in enumerate(batch.rows):
             diff = mx.abs(logits[i] - expected[row.name][row.step]).max().item()
             assert diff < 1e-4, f"row {row.name} step {row.step}: max |diff| {diff}"
@@ -319,3 +323,67 @@ async def _test_rows_with_one_prompt_prefill_it_once(served):
     cached = sorted(finished.cached_tokens for _, finished in results)
     assert cached == [0, len(prompt) - 1, len(prompt) - 1]
     assert results[0][0] == results[1][0] == results[2][0]  # greedy: the same reply
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_slots_keep_every_row_exact_through_joins_leaves_growth_and_buckets(
+    served, monkeypatch, kv_bits
+):
+    """Rows of many lengths join and leave a batch whose KV columns grow and are compacted
+    (STEP shrunk to 8 so it happens at test sizes) and whose bucket grows and shrinks: each row
+    still sees the logits it would alone, free slots included; with --kv-bits 8 as well."""
+    from qwen3_mlx.server import slots as slot_module
+
+    monkeypatch.setattr(slot_module, "STEP", 8)
+    model = served.model
+    rng = __import__("random").Random(5)
+    batch = Batch(served)
+    live, sizes = {}, set()
+
+    def join(name, length):
+        prompt = [rng.randrange(1, 500) for _ in range(length)]
+        follow = [rng.randrange(1, 500) for _ in range(12)]
+        expected = single_logits(model, prompt, follow, kv_bits)
+        row = Row.__new__(Row)
+        row.cache = make_cache(model, kv_bits, 32)
+        forward(model, mx.array([prompt[:-1]]), row.cache)
+        row.next_input, row.step = prompt[-1], 0
+        live[name] = (row, follow, expected)
+        batch.add(row)
+
+    def step():
+        logits = batch.forward(mx.array([r.next_input for r in batch.rows]))
+        if batch.slots is not None:
+            sizes.add(batch.slots.size)
+        for i, row in enumerate(batch.rows):
+            name = next(n for n, v in live.items() if v[0] is row)
+            _, follow, expected = live[name]
+            diff = mx.abs(logits[i] - expected[row.step]).max().item()
+            assert diff < 1e-4, f"row {name} step {row.step}: max |diff| {diff}"
+            row.next_input = follow[row.step]
+            row.step += 1
+
+    def leave(*names):
+        gone = {id(live.pop(n)[0]) for n in names}
+        batch.keep([i for i, r in enumerate(batch.rows) if id(r) not in gone])
+
+    join("long", 40)
+    join("a", 3)
+    step()
+    for name, length in (("b", 9), ("c", 2), ("d", 17), ("e", 5)):
+        join(name, length)  # a 2-slot bucket grows to 4, then 8
+        step()
+    join("f", 60)  # longer than every row so far: all rows shift right
+    step()
+    end = batch.slots.end
+    leave("long", "f", "d")  # the long rows leave: the unused columns are dropped
+    assert batch.slots.end < end
+    step()
+    leave("b", "c")  # 2 rows in 4 slots: a smaller bucket
+    step()
+    step()
+    leave("e")  # one row left: plain caches again
+    step()
+    assert batch.slots is None and len(batch.rows) == 1
+    assert isinstance(batch.cache[0], QuantizedKVCache if kv_bits else KVCache)
+    assert {2, 4, 8} <= sizes

@@ -14,8 +14,8 @@ import pytest
 from openai import OpenAI
 from starlette.testclient import TestClient
 
-import qwen3_mlx.server.decode as engine_module
 from qwen3_mlx.server.app import Settings, create_app
+from qwen3_mlx.server.batch import Batch
 from qwen3_mlx.server.engine import Engine
 from qwen3_mlx.server.models import ModelRegistry, load_served_model
 from qwen3_mlx.template import render_chat
@@ -51,15 +51,13 @@ class Script:
         self.tokens = tok.encode(text) + [tok.im_end_id]
         self.prompt_length = len(tok.encode(render_chat(messages, tools)))
 
-    def __call__(self, model, tokens, cache):
-        logits = self.real_forward(model, tokens, cache)
-        if tokens.shape[1] != 1:
-            return logits
+    def __call__(self, batch, inputs):
+        logits = self.real_forward(batch, inputs)
         vocab = mx.arange(logits.shape[-1])
         rows = []
-        offsets = cache[0].offset  # a lone row keeps a plain cache (an int offset)
-        for offset in offsets.tolist() if hasattr(offsets, "tolist") else [offsets]:
-            position = min(max(offset - self.prompt_length, 0), len(self.tokens) - 1)
+        for row in batch.rows:  # tokens each row holds, the one just fed included
+            held = batch.cache[0].offset if batch.slots is None else batch.slots.length(row.slot)
+            position = min(max(held - self.prompt_length, 0), len(self.tokens) - 1)
             rows.append(mx.where(vocab == self.tokens[position], 50.0, -50.0))
         return mx.stack(rows)
 
@@ -68,8 +66,8 @@ class Script:
 def scripted(tiny_qwen3_dir):
     served = load_served_model(str(tiny_qwen3_dir))
     script = Script(served)
-    original = script.real_forward = engine_module.forward
-    engine_module.forward = script
+    original = script.real_forward = Batch.forward
+    Batch.forward = lambda batch, inputs: script(batch, inputs)
     app = create_app(ModelRegistry([served]), Engine([served]), Settings())
     try:
         with TestClient(app) as http:
@@ -81,7 +79,7 @@ def scripted(tiny_qwen3_dir):
             )
             yield script, client
     finally:
-        engine_module.forward = original
+        Batch.forward = original
 
 
 def stream_deltas(client, **kwargs):

@@ -9,7 +9,9 @@ prepare.py   request → Sequence (prompt tokens, sampling parameters, grammar, 
 rows.py      a request's rows (n > 1, several prompts) run and merged
 engine.py    the one MLX thread: queue, admission, prefill, retirement, isolation
 decode.py    the batched, pipelined decode step (generation.step)
-batch.py     rows of a batch and their BatchKVCache; prefix.py: the prefix store
+batch.py     rows of a batch, its forward pass, the start-up warm-up
+slots.py     the batch's KV cache: a bucket of slots, every row ending at one column
+prefix.py    the prefix store
 jobs.py      what the HTTP side hands the engine, and the events it gets back
 constrain.py llguidance grammars for response_format and forced tool calls
 output/      engine events → OpenAI / LM Studio JSON and SSE chunks, one module per API

@@ -114,6 +114,25 @@ def build_parser(prog: str = "python -m qwen3_mlx.server") -> argparse.ArgumentP
         help="prompt tokens processed between decode steps (default: 512)",
     )
     p.add_argument(
+        "--kv-bits",
+        type=int,
+        help="quantize every request's KV cache to this many bits (4 or 8: ~3.5x or ~2x less "
+        "memory per token; default: not quantized)",
+    )
+    p.add_argument(
+        "--kv-group-size",
+        type=int,
+        default=64,
+        help="values sharing one scale in the quantized KV cache (default: 64)",
+    )
+    p.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="start listening without first compiling the decode step for every batch size "
+        "(the first requests then pay for it; default: warm up first)",
+    )
+    p.add_argument(
         "--parallel",
         choices=["tensor", "expert", "pipeline"],
         help="under mlx.launch: split the chat models over the ranks; rank 0 serves "
@@ -225,6 +244,8 @@ def build_app(args: argparse.Namespace, leader: bool = True):
                 context_length=args.context_length,
                 parallel=None if embedding else args.parallel,
                 long_context=args.long_context,
+                kv_bits=args.kv_bits,
+                kv_group_size=args.kv_group_size,
             )
         )
     registry = ModelRegistry(models)
@@ -234,6 +255,7 @@ def build_app(args: argparse.Namespace, leader: bool = True):
         max_queue=args.max_queue,
         prefill_step=args.prefill_step,
         prefix_cache_bytes=int(args.prompt_cache_mb * (1 << 20)),
+        warmup=args.warmup,
     )
     settings = Settings(
         api_key=args.api_key,

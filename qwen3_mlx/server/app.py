@@ -8,6 +8,7 @@ serves them under both prefixes are in routes.py; a request's rows run through r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ def create_app(
     async def lifespan(app: FastAPI):
         if not engine.alive:
             engine.start()
+        # The port opens after the warm-up: no request waits for a compile.
+        await asyncio.to_thread(engine.ready.wait)
         yield
         engine.close()
 

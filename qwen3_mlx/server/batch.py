@@ -1,17 +1,20 @@
-"""The rows of a running batch: each request's prefill state, then its place in the model's
-`BatchKVCache`, and the decode step queued on the device but not yet read."""
+"""The rows of a running batch: each request's prefill state, then its slot in the batch's KV cache
+(slots.py), and the decode step queued on the device but not yet read."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import KVCache
 
-from ..generation import Sampled, SamplingStep
+from ..generation import Sampled, SamplingStep, forward, prefill
+from ..model import embed_rows
 from .jobs import GenerationRequest
 from .models import LoadedModel
 from .prefix import copy_prefix
+from .slots import Slots, bucket_for, buckets_up_to
 
 
 class Row:
@@ -29,6 +32,7 @@ class Row:
         self.fed: list[int] = list(request.prompt[:-1])
         self.next_input = request.prompt[-1]
         self.started = False
+        self.slot = 0  # its slot in the batch's `Slots`
         self.first_token_at: float | None = None
 
 
@@ -47,46 +51,116 @@ class Batch:
 
     A lone row keeps its own plain `KVCache`s, so it decodes exactly as `stream_generate` does
     (the same compiled step and kernels, e.g. the CPU backend's `CpuDecode`, which only plain
-    caches get). A second row turns them into one `BatchKVCache` (left-padded rows); when one
-    row is left it gets plain caches back. Each switch copies the KV cache once.
+    caches get). A second row moves them into `Slots` (slots.py): a bucket of slots whose shapes
+    the decode step was compiled for at start-up. When one row is left it gets plain caches back.
     """
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self.rows: list[Row] = []
-        self.cache: list[KVCache] | list[BatchKVCache] | None = None
+        self.cache: list[KVCache] | Slots | None = None
         self.step: SamplingStep | None = None
         self.queued: Queued | None = None
 
     @property
-    def batched(self) -> bool:
-        return self.cache is not None and isinstance(self.cache[0], BatchKVCache)
+    def slots(self) -> Slots | None:
+        return self.cache if isinstance(self.cache, Slots) else None
 
     def add(self, row: Row) -> None:
         if self.cache is None:
             self.cache = row.cache
         else:
-            if not self.batched:
-                self.cache = [BatchKVCache.merge([c]) for c in self.cache]
-            for mine, theirs in zip(self.cache, row.cache, strict=True):
-                mine.extend(BatchKVCache.merge([theirs]))
+            if self.slots is None:
+                plain, self.rows[0].slot = self.cache, 0
+                self.cache = Slots(self.loaded.model, plain, bucket_for(2))
+                self.cache.place(0, plain)
+            slots = self.slots
+            if not slots.free:
+                self._resize(bucket_for(len(self.rows) + 1))
+            row.slot = slots.free[0]
+            slots.place(row.slot, row.cache)
         row.cache = None
         self.rows.append(row)
         self.step = None
 
+    def forward(self, inputs: mx.array) -> mx.array:
+        """Logits (rows, vocabulary) for one new token per row (`inputs` (rows,), in row order)."""
+        model = self.loaded.model
+        slots = self.slots
+        if slots is None:
+            return forward(model, inputs[:, None].astype(mx.int32), self.cache)
+        where = {r.slot: i for i, r in enumerate(self.rows)}
+        source = [where.get(s, 0) for s in range(slots.size)]
+        if source != list(range(slots.size)):
+            inputs = mx.take(inputs, mx.array(source))
+        hidden = embed_rows(model.model.embed_tokens, inputs[:, None].astype(mx.int32))
+        if len(where) < slots.size:  # free slots decode zeros (slots.py says why that is free)
+            live = mx.array([s in where for s in range(slots.size)], dtype=hidden.dtype)
+            hidden = hidden * live[:, None, None]
+        slots.begin_step()
+        hidden = model.model(None, slots.layers, input_embeddings=hidden)
+        slots.advance()
+        order = [r.slot for r in self.rows]
+        if order != list(range(slots.size)):
+            hidden = mx.take(hidden, mx.array(order), axis=0)
+        return model.logits(hidden[:, -1, :]).astype(mx.float32)
+
     def extract(self, index: int, length: int) -> list[KVCache]:
         """Row `index`'s first `length` cached tokens, as plain caches of their own."""
-        if not self.batched:
+        if self.slots is None:
             return [copy_prefix(c, length) for c in self.cache]
-        return [copy_prefix(c.extract(index), length) for c in self.cache]
+        return self.slots.extract(self.rows[index].slot, length)
 
     def keep(self, indices: list[int]) -> None:
+        slots = self.slots
+        if slots is not None:
+            kept = set(indices)
+            for i, row in enumerate(self.rows):
+                if i not in kept:
+                    slots.release(row.slot)
         self.rows = [self.rows[i] for i in indices]
         if not self.rows:
             self.cache, self.queued = None, None
-        elif self.batched and len(self.rows) == 1:
-            self.cache = [c.extract(indices[0]) for c in self.cache]
-        elif self.batched:
-            for c in self.cache:
-                c.filter(indices)
+        elif slots is not None and len(self.rows) == 1:
+            self.cache = slots.extract(self.rows[0].slot)
+        elif slots is not None and bucket_for(len(self.rows)) * 2 <= slots.size:
+            # Far fewer rows than slots: a smaller bucket (hysteresis: only at half or less).
+            self._resize(bucket_for(len(self.rows)))
         self.step = None
+
+    def _resize(self, size: int) -> None:
+        moved = self.slots.resize(size, [r.slot for r in self.rows])
+        for row, slot in zip(self.rows, moved, strict=True):
+            row.slot = slot
+
+
+def warm_up(loaded: LoadedModel, max_rows: int, prefill_step: int) -> float:
+    """Run, once, every shape the engine's steps will take, so that no request waits for a
+    trace or a kernel compile: a prompt in chunks of `prefill_step` and a shorter one, the lone
+    row's decode step, and the batched step at every bucket up to `max_rows` rows.
+
+    Returns the prefill's seconds per token, timed on a second, warm chunk."""
+    model = loaded.model
+    vocab = model.args.vocab_size
+    prompt = [i % vocab for i in range(prefill_step + 17)]
+    cache = loaded.new_cache()
+    mx.eval(prefill(model, prompt, cache, prefill_step))
+    timed = loaded.new_cache()
+    started = time.perf_counter()
+    mx.eval(prefill(model, prompt[:prefill_step], timed, prefill_step))
+    seconds_per_token = (time.perf_counter() - started) / prefill_step
+    for _ in range(2):
+        mx.eval(forward(model, mx.array([[1]], dtype=mx.int32), cache))
+    short = [copy_prefix(c, 17) for c in cache]
+    for size in buckets_up_to(max_rows):
+        if size < 2:
+            continue
+        batch = Batch(loaded)
+        for _ in range(size):
+            row = Row.__new__(Row)
+            row.cache = [copy_prefix(c, 17) for c in short]
+            batch.add(row)
+        batch.rows.pop()  # a free slot: the step with a zeroed embedding (every op of a full one)
+        mx.eval(mx.argmax(batch.forward(mx.zeros((size - 1,), mx.uint32)), axis=-1))
+    mx.clear_cache()
+    return seconds_per_token

@@ -18,7 +18,7 @@ import time
 import mlx.core as mx
 
 from ..distributed.job import share_tokens
-from ..generation import Sampled, SamplingStep, forward
+from ..generation import Sampled, SamplingStep
 from .batch import Batch, Queued
 from .jobs import Output
 
@@ -60,7 +60,7 @@ class DecodeLoop:
                     r.fed.append(r.next_input)
                     r.started = True
         inputs = parts[0] if len(parts) == 1 else mx.concatenate(parts)
-        logits = forward(batch.loaded.model, inputs[:, None].astype(mx.int32), batch.cache)
+        logits = batch.forward(inputs)
         sampled = self._sample(batch, logits)
         if sampled is None:
             return

@@ -3,15 +3,16 @@
 Every request becomes a row of its model's running batch. Each turn of the loop
 
     1. admits queued requests (up to --max-concurrency rows in flight) and drops cancelled ones,
-    2. prefills one chunk of waiting prompts (reusing the longest cached prefix), moving a prompt
-       whose prefill is done into the batch: its KV cache is left-padded and appended to the
-       batch's `BatchKVCache`, so it joins mid-flight without disturbing the others,
+    2. prefills one chunk of waiting prompts (reusing the longest cached prefix; while rows decode,
+       at most PREFILL_SHARE of the time), moving a prompt whose prefill is done into the batch: its
+       KV cache is copied into a free slot of the batch's `Slots` (slots.py), so it joins
+       mid-flight without disturbing the others or changing the step's compiled shape,
     3. runs one decode step for the whole batch through `generation.step`, the step the Python
        API runs: it queues step N+1 on the device before it reads step N's tokens, so turning
        tokens into text and events never holds the device up (a batch with a grammar-constrained
        row reads first: its mask depends on the token before).
 
-Finished or cancelled rows leave the batch at once (`BatchKVCache.filter`); their KV cache is kept
+Finished or cancelled rows leave the batch at once (their slot is freed); their KV cache is kept
 in the prefix store so the next turn of the conversation prefills only its new tokens.
 
 Isolation: a failure while prefilling, masking, sampling or reading one row ends that request
@@ -43,14 +44,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
 
-from ..cache import common_prefix_length
-from .batch import Batch, Row
+from .batch import Batch, Row, warm_up
 from .decode import DecodeLoop
 from .jobs import Channel, Discard, EngineBusy, Failed, Finished, GenerationRequest, Output
 from .models import LoadedModel
-from .prefix import PREFIX_MIN, PrefixStore, copy_prefix, kv_bytes_per_token
+from .prefill import PrefillLoop
+from .prefix import PREFIX_MIN, PrefixStore, kv_bytes_per_token
 
 __all__ = [
     "Channel",
@@ -73,7 +73,7 @@ IDLE_TURN = 0.05
 # -- the engine --------------------------------------------------------------------------------
 
 
-class Engine(DecodeLoop):
+class Engine(PrefillLoop, DecodeLoop):
     def __init__(
         self,
         models: list[LoadedModel],
@@ -83,6 +83,7 @@ class Engine(DecodeLoop):
         prefill_step: int = 512,
         prefix_cache_entries: int = 16,
         prefix_cache_bytes: int = 2 << 30,
+        warmup: bool = True,
     ):
         self.models = models
         self.max_concurrency = max_concurrency
@@ -116,6 +117,12 @@ class Engine(DecodeLoop):
         self._queued = 0  # submitted, not yet active (guarded by _lock)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.warmup = warmup
+        # Prefill beside decode (PREFILL_SHARE): decode seconds banked towards the next chunk,
+        # and the prefill's measured seconds per token (first from the warm-up).
+        self._decode_credit = 0.0
+        self._prefill_seconds_per_token = 0.0
+        self.ready = threading.Event()  # set once the warm-up is done (or skipped)
         self._thread = threading.Thread(target=self._serve, name="qwen3-mlx-engine", daemon=True)
         self.steps = 0
         self.cancelled = 0  # requests whose client left before they finished
@@ -184,14 +191,33 @@ class Engine(DecodeLoop):
 
     def follow(self) -> None:
         """`--parallel`, ranks other than 0: run the loop in this thread until rank 0 stops it."""
+        self._warm_up()
         self._run()
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def _warm_up(self) -> None:
+        """Trace and compile every step shape before the first request (see batch.warm_up)."""
+        try:
+            if self.warmup:
+                started = time.perf_counter()
+                for batch in self._batches.values():
+                    rate = warm_up(batch.loaded, self.max_concurrency, self.prefill_step)
+                    self._prefill_seconds_per_token = max(self._prefill_seconds_per_token, rate)
+                log.info("warm-up: %.1f s", time.perf_counter() - started)
+        except Exception as e:  # a slower first request, not a reason to refuse all of them
+            if self._sync is not None:
+                raise
+            log.warning("warm-up failed: %s: %s", type(e).__name__, e)
+        finally:
+            self.ready.set()
+
     def _serve(self) -> None:
         if self._sync is None:
+            self._warm_up()
             return self._run()
         try:
+            self._warm_up()
             self._run()
         except BaseException as e:  # --parallel only: the job is over (see _run)
             log.error("the distributed job failed: %s: %s", type(e).__name__, e)
@@ -209,10 +235,15 @@ class Engine(DecodeLoop):
                 return
             self._run_calls()
             try:
-                self._prefill_chunk()
+                self._prefill_turn()
+                started = time.perf_counter()
                 for batch in self._batches.values():
                     if batch.rows:
                         self._decode_step(batch)
+                if self._prefilling:
+                    self._decode_credit += time.perf_counter() - started
+                else:
+                    self._decode_credit = 0.0  # nothing banked while nothing waits
             except Exception as e:  # a bug, not a user error: fail what is in flight, go on
                 if self._sync is not None:
                     # The ranks run in lockstep: a step that failed on this rank can't be patched
@@ -305,69 +336,6 @@ class Engine(DecodeLoop):
                 future.set_result(fn(*args))
             except BaseException as e:
                 future.set_exception(e)
-
-    # -- prefill -------------------------------------------------------------------------------
-
-    def _start_prefill(self, request: GenerationRequest) -> Row:
-        return Row(request)  # its cache comes from the prefix store when its prefill starts
-
-    def _begin(self, row: Row) -> bool:
-        """Give `row` its starting cache (the longest stored prefix), unless an earlier prompt
-        still prefilling shares more of its start: then it waits for that one's prefix, which
-        is stored when its prefill ends (`n` choices, one system prompt for many clients)."""
-        prompt, model = row.request.prompt, row.request.model
-        store = self._prefixes[model.id]
-        cached = store.match(prompt)
-        for other in self._prefilling:
-            if other is row:
-                break
-            if other.request.model is model:
-                shared = min(common_prefix_length(other.request.prompt, prompt), len(prompt) - 1)
-                if shared >= PREFIX_MIN and shared > cached:
-                    return False
-        cached, layers = store.lookup(prompt)
-        row.cache = layers or [KVCache() for _ in range(len(model.model.layers))]
-        row.cached_tokens = row.prefilled = cached
-        return True
-
-    def _prefill_chunk(self) -> None:
-        """Spend up to `prefill_step` tokens of prefill, oldest request first."""
-        budget = self.prefill_step
-        for row in list(self._prefilling):
-            if budget <= 0:
-                break
-            request = row.request
-            if request.cancelled:
-                self._prefilling.remove(row)
-                self._finish_cancelled(request, row)
-                continue
-            if row.cache is None and not self._begin(row):
-                continue
-            todo = request.prompt[row.prefilled : len(request.prompt) - 1]
-            chunk = todo[:budget]
-            try:
-                if chunk:
-                    # The body only: prefill needs the KV cache, not logits over the vocabulary.
-                    request.model.model.model(mx.array([chunk]), cache=row.cache)
-                    mx.eval([c.state for c in row.cache])
-            except Exception as e:
-                if self._sync is not None:
-                    raise
-                self._prefilling.remove(row)
-                self._fail(request, e, "prefill")
-                continue
-            row.prefilled += len(chunk)
-            budget -= len(chunk)
-            if row.prefilled >= len(request.prompt) - 1:
-                self._prefilling.remove(row)
-                prefix = request.prompt[:-1]
-                if len(prefix) >= PREFIX_MIN:
-                    self._prefixes[request.model.id].store(
-                        prefix, [copy_prefix(c, len(prefix)) for c in row.cache]
-                    )
-                self._batches[request.model.id].add(row)
-            else:
-                budget = 0  # a long prompt keeps its place; decode runs between its chunks
 
     def _drop_cancelled(self, batch: Batch) -> None:
         keep = [i for i, r in enumerate(batch.rows) if not r.request.cancelled]

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cache import enable_long_context
+from ..cache import enable_long_context, make_cache
 from ..config import generation_config as read_generation_config
 from ..config import load_config
-from ..errors import ConfigError
+from ..errors import ConfigError, GenerationError
 from ..hub import resolve_model_path
 from ..loading import model_from_config, prepare_for_inference, quantization_of
 from ..model import Model
@@ -36,6 +36,12 @@ class LoadedModel:
     context_length: int
     publisher: str = "local"
     generation_config: dict[str, Any] = field(default_factory=dict)
+    kv_bits: int | None = None  # --kv-bits: every request's KV cache quantized to this many bits
+    kv_group_size: int = 64
+
+    def new_cache(self) -> list[Any]:
+        """An empty KV cache for one request (plain, or quantized with --kv-bits)."""
+        return make_cache(self.model, self.kv_bits, self.kv_group_size)
 
     @property
     def arch(self) -> str:
@@ -119,6 +125,8 @@ def load_served_model(
     model_id: str | None = None,
     parallel: str | None = None,
     long_context: bool = False,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> LoadedModel:
     """`parallel`: under mlx.launch, load this rank's shard of a chat model (embedding models
     are never split: pass None for them). `long_context`: YaRN to 131,072 tokens, as the CLI's
@@ -145,7 +153,7 @@ def load_served_model(
         raise ConfigError(f"--context-length {context_length}: must be positive")
     generation_config = read_generation_config(model_dir)
     path = Path(path_or_id).expanduser()
-    return LoadedModel(
+    loaded = LoadedModel(
         id=model_id or model_id_for(path_or_id),
         path=model_dir,
         model=model,
@@ -155,7 +163,16 @@ def load_served_model(
         context_length=context_length or native,
         publisher="local" if path.exists() else str(path_or_id).split("/")[0],
         generation_config=generation_config,
+        kv_bits=None if embedding else kv_bits,
+        kv_group_size=kv_group_size,
     )
+    if loaded.kind == "llm":
+        try:
+            loaded.new_cache()
+        except GenerationError as e:  # one line naming the option and the value
+            message = str(e).replace("kv_bits", "--kv-bits")
+            raise ConfigError(message.replace("kv_group_size", "--kv-group-size")) from None
+    return loaded
 
 
 class ModelNotFound(LookupError):

@@ -3,7 +3,7 @@ prefills only its new tokens."""
 
 from __future__ import annotations
 
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from ..cache import common_prefix_length as _common_prefix
 
@@ -73,10 +73,17 @@ def kv_bytes_per_token(model) -> int:
     return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * dtype.size
 
 
-def copy_prefix(cache: KVCache, n: int) -> KVCache:
-    # Slicing makes new arrays, so the stored entry is never written through this copy.
-    copy = KVCache()
-    copy.keys = cache.keys[..., :n, :]
-    copy.values = cache.values[..., :n, :]
+def copy_prefix(cache: KVCache | QuantizedKVCache, n: int) -> KVCache | QuantizedKVCache:
+    """The first `n` positions of a plain or quantized cache, as a cache of the same kind.
+
+    Slicing makes new arrays, so the stored entry is never written through this copy."""
+    if isinstance(cache, QuantizedKVCache):
+        copy = QuantizedKVCache(group_size=cache.group_size, bits=cache.bits)
+        copy.keys = tuple(part[..., :n, :] for part in cache.keys)
+        copy.values = tuple(part[..., :n, :] for part in cache.values)
+    else:
+        copy = KVCache()
+        copy.keys = cache.keys[..., :n, :]
+        copy.values = cache.values[..., :n, :]
     copy.offset = n
     return copy

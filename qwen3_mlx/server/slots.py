@@ -1,0 +1,250 @@
+"""The running batch's KV cache: a fixed number of slots, every row's tokens ending at one column.
+
+Per layer, keys and values are (slots, kv_heads, capacity, head_dim). A row's K/V occupy columns
+[pad, end) of its slot, where `end` is shared by all rows: a decode step writes every row's new
+K/V with one slice update at column `end` (as a plain `KVCache` does for one row), attention masks
+each slot's columns before its `pad`, and RoPE takes each row's own position, `end - pad`. This is
+mlx-lm's left-padded `BatchKVCache` layout with three differences that matter on the hot path:
+
+- The number of slots is a bucket (`BUCKETS`), not the number of rows. Rows join into a free slot
+  and leave it free, so the compiled decode step sees only bucket shapes, each traced at start-up
+  (`Engine` warm-up): no request waits for a retrace when rows come and go. A free slot decodes a
+  zero vector (`Batch.forward` zeroes its embedding), which every layer keeps at zero (RMSNorm,
+  q/k/v, attention over its one visible column and the feed-forward all map zero to zero), so it
+  routes to one fixed set of experts and costs no extra weight reads beyond that set.
+- Positions and the mask are made once per step for all layers, from host-side integers: no
+  per-layer offset arithmetic and no device-to-host read when rows leave.
+- Joining copies only the newcomer's K/V into its slot; the other rows are copied only when a
+  newcomer is longer than `end` (everything shifts right) or the bucket changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+# Batch shapes the decode step is compiled for: powers of two. Each costs a compile at start-up
+# (on the H100's CUDA backend, ~6 s for the 30B-A3B shape with a warm kernel cache), and a free
+# slot costs compute only, which a decode step has to spare (it waits on weight reads).
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Columns are allocated in steps of this many (as mlx-lm's KVCache grows).
+STEP = 256
+
+
+def bucket_for(rows: int) -> int:
+    """The smallest bucket holding `rows` rows (beyond the last, `rows` itself)."""
+    return next((b for b in BUCKETS if b >= rows), rows)
+
+
+def buckets_up_to(rows: int) -> list[int]:
+    """Every bucket a batch of at most `rows` rows can use."""
+    return sorted({bucket_for(n) for n in range(1, rows + 1)})
+
+
+def _parts(x) -> tuple[mx.array, ...]:
+    """A cache's keys (or values) as a tuple: one array, or a quantized cache's (data, scales,
+    biases)."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _whole(parts: tuple[mx.array, ...], quantized: bool):
+    return parts if quantized else parts[0]
+
+
+class SlotLayer:
+    """One layer's keys and values, seen by the model as a cache object (update_and_fetch,
+    offset, make_mask, state). Each is stored as parts: one array, or with --kv-bits a quantized
+    cache's (data, scales, biases), which mlx-lm's attention reads as they are."""
+
+    def __init__(self, slots: Slots, keys: tuple, values: tuple):
+        self.slots = slots
+        self.key_parts = keys
+        self.value_parts = values
+
+    @property
+    def keys(self):
+        return _whole(self.key_parts, self.slots.quantized)
+
+    @property
+    def values(self):
+        return _whole(self.value_parts, self.slots.quantized)
+
+    @property
+    def offset(self) -> mx.array:
+        return self.slots.positions
+
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        end, quantized = self.slots.end, self.slots.quantized
+        if quantized:
+            k = mx.quantize(k, group_size=self.group_size, bits=self.bits)
+            v = mx.quantize(v, group_size=self.group_size, bits=self.bits)
+        for stored, new in zip(
+            self.key_parts + self.value_parts, _parts(k) + _parts(v), strict=True
+        ):
+            stored[..., end : end + 1, :] = new
+        return (
+            _whole(tuple(p[..., : end + 1, :] for p in self.key_parts), quantized),
+            _whole(tuple(p[..., : end + 1, :] for p in self.value_parts), quantized),
+        )
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        return self.slots.mask
+
+    @property
+    def state(self) -> tuple[mx.array, ...]:
+        return self.key_parts + self.value_parts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.state)
+
+    def _map(self, fn) -> None:
+        self.key_parts = tuple(fn(p) for p in self.key_parts)
+        self.value_parts = tuple(fn(p) for p in self.value_parts)
+
+
+class QuantizedSlotLayer(SlotLayer):
+    """`bits` and `group_size` are how mlx-lm's attention knows a quantized cache."""
+
+    def __init__(self, slots: Slots, keys: tuple, values: tuple, bits: int, group_size: int):
+        super().__init__(slots, keys, values)
+        self.bits = bits
+        self.group_size = group_size
+
+
+class Slots:
+    """The K/V of up to `size` rows for every layer of a model (see the module docstring)."""
+
+    def __init__(self, model: Any, template: list[KVCache | QuantizedKVCache], size: int):
+        """`template`: a row's caches (plain or quantized: the slots are of the same kind)."""
+        attn = model.layers[0].self_attn
+        heads, head_dim = attn.n_kv_heads, attn.head_dim
+        embed = model.model.embed_tokens  # K/V come out in the activations' dtype
+        dtype = embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
+        self.quantized = isinstance(template[0], QuantizedKVCache)
+        self.size = size
+        self.end = 0
+        self.pads: list[int | None] = [None] * size  # None: a free slot
+        if self.quantized:  # packed values, then a scale and a bias per group
+            bits, group = template[0].bits, template[0].group_size
+            widths = [(head_dim * bits // 32, mx.uint32)] + [(head_dim // group, dtype)] * 2
+        else:
+            widths = [(head_dim, dtype)]
+
+        def empty() -> tuple:
+            return tuple(mx.zeros((size, heads, STEP, w), t) for w, t in widths)
+
+        self.layers = [
+            QuantizedSlotLayer(self, empty(), empty(), bits, group)
+            if self.quantized
+            else SlotLayer(self, empty(), empty())
+            for _ in template
+        ]
+        self.positions: mx.array | None = None
+        self.mask: mx.array | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].key_parts[0].shape[2]
+
+    @property
+    def free(self) -> list[int]:
+        return [s for s, pad in enumerate(self.pads) if pad is None]
+
+    def length(self, slot: int) -> int:
+        return self.end - self.pads[slot]
+
+    # -- rows come and go ----------------------------------------------------------------------
+
+    def place(self, slot: int, caches: list) -> None:
+        """Copy a row's caches (all their tokens) into free `slot`."""
+        n = caches[0].offset
+        if not n:  # a one-token prompt: nothing cached yet
+            self._reserve(self.end + 1)
+            self.pads[slot] = self.end
+            return
+        if n > self.end:
+            self._shift(n - self.end)
+        self._reserve(self.end + 1)
+        start = self.end - n
+        for layer, c in zip(self.layers, caches, strict=True):
+            mine = layer.key_parts + layer.value_parts
+            theirs = _parts(c.keys) + _parts(c.values)
+            for stored, new in zip(mine, theirs, strict=True):
+                stored[slot : slot + 1, :, start : self.end, :] = new[:, :, :n, :]
+        self.pads[slot] = start
+
+    def release(self, slot: int) -> None:
+        self.pads[slot] = None
+        live = [p for p in self.pads if p is not None]
+        if live and min(live) >= STEP:  # the longest rows left: drop the columns nobody uses
+            drop = min(live) // STEP * STEP
+            for layer in self.layers:
+                layer._map(lambda p: mx.contiguous(p[..., drop:, :]))
+            self.end -= drop
+            self.pads = [None if p is None else p - drop for p in self.pads]
+
+    def extract(self, slot: int, length: int | None = None) -> list:
+        """Caches of the row's kind holding the first `length` tokens of `slot` (all of them by
+        default)."""
+        start = self.pads[slot]
+        stop = self.end if length is None else start + length
+
+        def cut(parts: tuple):
+            return _whole(
+                tuple(mx.contiguous(p[slot : slot + 1, :, start:stop, :]) for p in parts),
+                self.quantized,
+            )
+
+        out = []
+        for layer in self.layers:
+            if self.quantized:
+                c = QuantizedKVCache(group_size=layer.group_size, bits=layer.bits)
+            else:
+                c = KVCache()
+            c.keys, c.values = cut(layer.key_parts), cut(layer.value_parts)
+            c.offset = stop - start
+            out.append(c)
+        return out
+
+    def resize(self, size: int, order: list[int]) -> list[int]:
+        """Move to `size` slots, the rows now in slots `order` first; returns their new slots."""
+        index = mx.array(order + [order[0]] * (size - len(order)))  # filler rows are freed below
+        for layer in self.layers:
+            layer._map(lambda p: mx.take(p, index, axis=0))
+        self.pads = [self.pads[s] for s in order] + [None] * (size - len(order))
+        self.size = size
+        return list(range(len(order)))
+
+    # -- one decode step -----------------------------------------------------------------------
+
+    def begin_step(self) -> None:
+        """Positions and mask for the step that writes column `end` (made once for all layers)."""
+        self._reserve(self.end + 1)
+        end = self.end
+        pads = [end if p is None else p for p in self.pads]  # a free slot sees its own column
+        self.positions = mx.array([end - p for p in pads], dtype=mx.int32)
+        columns = mx.arange(end + 1)
+        self.mask = (columns[None, :] >= mx.array(pads)[:, None])[:, None, None, :]
+
+    def advance(self) -> None:
+        self.end += 1
+
+    # -- room ------------------------------------------------------------------------------------
+
+    def _reserve(self, columns: int) -> None:
+        """At least `columns` columns of capacity (grown in steps of STEP)."""
+        if columns <= self.capacity:
+            return
+        grow = -(-(columns - self.capacity) // STEP) * STEP
+        for layer in self.layers:
+            layer._map(lambda p: mx.pad(p, [(0, 0), (0, 0), (0, grow), (0, 0)]))
+
+    def _shift(self, by: int) -> None:
+        """Move every row `by` columns right (a longer newcomer is joining)."""
+        for layer in self.layers:
+            layer._map(lambda p: mx.pad(p, [(0, 0), (0, 0), (by, 0), (0, 0)]))
+        self.end += by
+        self.pads = [None if p is None else p + by for p in self.pads]
