@@ -27,6 +27,7 @@ log = logging.getLogger("qwen3_mlx.server")
 # as a decode step.)
 PREFILL_SHARE = 0.25
 _DECODE_PER_PREFILL = (1 - PREFILL_SHARE) / PREFILL_SHARE
+GROWTH = 1.25
 
 
 class PrefillLoop:
@@ -62,20 +63,27 @@ class PrefillLoop:
             return
         running = self._running()
         planned = sum(len(r.request.prompt) - 1 - r.prefilled for r in self._prefilling)
-        expected = self._prefill_seconds_per_token * min(planned, self.prefill_step)
+        # A prompt's later chunks attend to more keys: each costs a little more than the last.
+        expected = GROWTH * self._prefill_seconds_per_token * min(planned, self.prefill_step)
         if running and self._decode_credit < _DECODE_PER_PREFILL * expected:
             return
         started = time.perf_counter()
         tokens = self._prefill_chunk()
         if tokens:
             spent = time.perf_counter() - started
-            if spent > 1.0:
-                log.info("prefill: %d tokens took %.2f s (a new shape compiled?)", tokens, spent)
+            log.log(
+                logging.INFO if spent > 1.0 else logging.DEBUG,
+                "prefill turn: %d tokens in %.3f s (expected %.3f s; rows decoding: %s)",
+                tokens,
+                spent,
+                expected,
+                running,
+            )
             if expected:  # a chunk that compiled a new shape is not the prefill's speed
                 spent = min(spent, 2 * expected)
             known = self._prefill_seconds_per_token
             rate = spent / tokens
-            self._prefill_seconds_per_token = 0.7 * known + 0.3 * rate if known else rate
+            self._prefill_seconds_per_token = 0.3 * known + 0.7 * rate if known else rate
             if running:
                 self._decode_credit -= _DECODE_PER_PREFILL * spent
 
