@@ -7,7 +7,8 @@ routes.py    the handlers, one table registered under /v1 and /api/v0
 protocol     request / response schemas (pydantic)
 prepare.py   request → Sequence (prompt tokens, sampling parameters, grammar, limits)
 rows.py      a request's rows (n > 1, several prompts) run and merged
-engine.py    the one MLX thread: queue, admission, prefill, retirement, isolation
+engine.py    the one MLX thread: queue, admission, retirement, isolation
+prefill.py   prompts prefilled in chunks between decode steps (at most PREFILL_SHARE of the time)
 decode.py    the batched, pipelined decode step (generation.step)
 batch.py     rows of a batch, its forward pass, the start-up warm-up
 slots.py     the batch's KV cache: a bucket of slots, every row ending at one column
