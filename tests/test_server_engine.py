@@ -35,11 +35,11 @@ def served(tiny_qwen3_dir):
 
 
 def single_logits(
-    model, prompt: list[int], continuation: list[int], kv_bits=None
+    model, prompt: list[int], continuation: list[int], kv_bits=None, max_kv_size=None
 ) -> list[mx.array]:
     """Logits after the prompt, then after each continuation token, with a KV cache of its own
-    (plain, or quantized to `kv_bits`)."""
-    cache = make_cache(model, kv_bits, 32)  # the tiny model's head_dim is 32
+    (plain, quantized to `kv_bits`, or mlx-lm's rotating cache of `max_kv_size`)."""
+    cache = make_cache(model, kv_bits, 32, max_kv_size)  # the tiny model's head_dim is 32
     out = [forward(model, mx.array([prompt]), cache)[0]]
     for token in continuation:
         out.append(forward(model, mx.array([[token]]), cache)[0])
@@ -387,3 +387,51 @@ def test_slots_keep_every_row_exact_through_joins_leaves_growth_and_buckets(
     assert batch.slots is None and len(batch.rows) == 1
     assert isinstance(batch.cache[0], QuantizedKVCache if kv_bits else KVCache)
     assert {2, 4, 8} <= sizes
+
+
+def test_windowed_slots_match_a_rotating_cache(served, monkeypatch):
+    """--max-kv-size: rows decoding far past the window (and a row joining them) see exactly the
+    logits of the Python API's rotating cache; the masked columns are dropped as they pile up."""
+    import dataclasses
+
+    from qwen3_mlx.server import slots as slot_module
+
+    monkeypatch.setattr(slot_module, "STEP", 8)
+    window = 24
+    windowed = dataclasses.replace(served, max_kv_size=window)
+    model = served.model
+    rng = __import__("random").Random(7)
+    batch = Batch(windowed)
+    live = {}
+
+    def join(length, steps):
+        prompt = [rng.randrange(1, 500) for _ in range(length)]
+        follow = [rng.randrange(1, 500) for _ in range(steps)]
+        expected = single_logits(model, prompt, follow, max_kv_size=window)
+        row = Row.__new__(Row)
+        row.cache = make_cache(model)
+        forward(model, mx.array([prompt[:-1]]), row.cache)
+        row.next_input, row.step = prompt[-1], 0
+        live[id(row)] = (follow, expected)
+        batch.add(row)
+
+    def step():
+        logits = batch.forward(mx.array([r.next_input for r in batch.rows]))
+        for i, row in enumerate(batch.rows):
+            follow, expected = live[id(row)]
+            diff = mx.abs(logits[i] - expected[row.step]).max().item()
+            assert diff < 1e-4, f"row {i} step {row.step}: max |diff| {diff}"
+            row.next_input = follow[row.step]
+            row.step += 1
+
+    join(20, 70)  # alone: already in a (one-slot) window
+    assert batch.slots is not None and batch.slots.size == 1
+    for _ in range(30):
+        step()
+    join(6, 35)
+    for _ in range(34):
+        step()
+    slot = batch.rows[0].slot
+    assert batch.slots.dropped[slot] > 0  # compacted, not only masked
+    assert batch.slots.end - batch.slots.pads[slot] <= window + 8
+    assert batch.extract(0, 10) is None  # past its window: no prefix store entry

@@ -126,6 +126,13 @@ def build_parser(prog: str = "python -m qwen3_mlx.server") -> argparse.ArgumentP
         help="values sharing one scale in the quantized KV cache (default: 64)",
     )
     p.add_argument(
+        "--max-kv-size",
+        type=int,
+        help="while generating, each request attends to its first 4 tokens and its latest ones, "
+        "this many in all, so long replies need bounded memory (the prompt is read whole; "
+        "default: no window)",
+    )
+    p.add_argument(
         "--no-warmup",
         dest="warmup",
         action="store_false",
@@ -246,6 +253,7 @@ def build_app(args: argparse.Namespace, leader: bool = True):
                 long_context=args.long_context,
                 kv_bits=args.kv_bits,
                 kv_group_size=args.kv_group_size,
+                max_kv_size=args.max_kv_size,
             )
         )
     registry = ModelRegistry(models)

@@ -67,12 +67,15 @@ class Batch:
         return self.cache if isinstance(self.cache, Slots) else None
 
     def add(self, row: Row) -> None:
-        if self.cache is None:
+        window = self.loaded.max_kv_size
+        if self.cache is None and window is None:
             self.cache = row.cache
         else:
-            if self.slots is None:
+            if self.cache is None:  # --max-kv-size: even a lone row decodes in a (windowed) slot
+                self.cache = Slots(self.loaded.model, row.cache, 1, window)
+            elif self.slots is None:
                 plain, self.rows[0].slot = self.cache, 0
-                self.cache = Slots(self.loaded.model, plain, bucket_for(2))
+                self.cache = Slots(self.loaded.model, plain, bucket_for(2), window)
                 self.cache.place(0, plain)
             slots = self.slots
             if not slots.free:
@@ -105,11 +108,13 @@ class Batch:
             hidden = mx.take(hidden, mx.array(order), axis=0)
         return model.logits(hidden[:, -1, :]).astype(mx.float32)
 
-    def extract(self, index: int, length: int) -> list[KVCache]:
-        """Row `index`'s first `length` cached tokens, as plain caches of their own."""
+    def extract(self, index: int, length: int) -> list[KVCache] | None:
+        """Row `index`'s first `length` cached tokens, as plain caches of their own (None for a
+        row that has outgrown its --max-kv-size window: its K/V are not a prompt's)."""
         if self.slots is None:
             return [copy_prefix(c, length) for c in self.cache]
-        return self.slots.extract(self.rows[index].slot, length)
+        slot = self.rows[index].slot
+        return self.slots.extract(slot, length) if self.slots.whole(slot) else None
 
     def keep(self, indices: list[int]) -> None:
         slots = self.slots
@@ -121,7 +126,7 @@ class Batch:
         self.rows = [self.rows[i] for i in indices]
         if not self.rows:
             self.cache, self.queued = None, None
-        elif slots is not None and len(self.rows) == 1:
+        elif slots is not None and len(self.rows) == 1 and slots.window is None:
             self.cache = slots.extract(self.rows[0].slot)
         elif slots is not None and bucket_for(len(self.rows)) * 2 <= slots.size:
             # Far fewer rows than slots: a smaller bucket (hysteresis: only at half or less).
@@ -153,14 +158,16 @@ def warm_up(loaded: LoadedModel, max_rows: int, prefill_step: int) -> float:
         mx.eval(forward(model, mx.array([[1]], dtype=mx.int32), cache))
     short = [copy_prefix(c, 17) for c in cache]
     for size in buckets_up_to(max_rows):
-        if size < 2:
+        if size < 2 and loaded.max_kv_size is None:  # a lone row decodes in plain caches
             continue
         batch = Batch(loaded)
         for _ in range(size):
             row = Row.__new__(Row)
             row.cache = [copy_prefix(c, 17) for c in short]
             batch.add(row)
-        batch.rows.pop()  # a free slot: the step with a zeroed embedding (every op of a full one)
-        mx.eval(mx.argmax(batch.forward(mx.zeros((size - 1,), mx.uint32)), axis=-1))
+        if size > 1:
+            batch.rows.pop()  # a free slot: the zeroed embedding (and every op of a full step)
+        rows = len(batch.rows)
+        mx.eval(mx.argmax(batch.forward(mx.zeros((rows,), mx.uint32)), axis=-1))
     mx.clear_cache()
     return seconds_per_token

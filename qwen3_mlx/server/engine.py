@@ -349,7 +349,9 @@ class Engine(PrefillLoop, DecodeLoop):
         """Send the final event and keep the row's KV cache for the next turn."""
         request = row.request
         if len(row.fed) >= PREFIX_MIN and row.sequence.finish_reason != "error":
-            self._prefixes[request.model.id].store(row.fed, batch.extract(index, len(row.fed)))
+            layers = batch.extract(index, len(row.fed))
+            if layers is not None:
+                self._prefixes[request.model.id].store(row.fed, layers)
         seq = row.sequence
         if not seq.finished:  # cancelled, or a grammar that can no longer be satisfied
             reason = "abort" if request.cancelled else "stop"

@@ -38,9 +38,12 @@ class LoadedModel:
     generation_config: dict[str, Any] = field(default_factory=dict)
     kv_bits: int | None = None  # --kv-bits: every request's KV cache quantized to this many bits
     kv_group_size: int = 64
+    # --max-kv-size: while generating, each request attends to its first tokens and its latest
+    # ones, this many in all (the batch's slots.py windows); its prompt is read whole.
+    max_kv_size: int | None = None
 
     def new_cache(self) -> list[Any]:
-        """An empty KV cache for one request (plain, or quantized with --kv-bits)."""
+        """An empty KV cache for one request's prompt (plain, or quantized with --kv-bits)."""
         return make_cache(self.model, self.kv_bits, self.kv_group_size)
 
     @property
@@ -127,6 +130,7 @@ def load_served_model(
     long_context: bool = False,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    max_kv_size: int | None = None,
 ) -> LoadedModel:
     """`parallel`: under mlx.launch, load this rank's shard of a chat model (embedding models
     are never split: pass None for them). `long_context`: YaRN to 131,072 tokens, as the CLI's
@@ -165,12 +169,13 @@ def load_served_model(
         generation_config=generation_config,
         kv_bits=None if embedding else kv_bits,
         kv_group_size=kv_group_size,
+        max_kv_size=None if embedding else max_kv_size,
     )
     if loaded.kind == "llm":
-        try:
-            loaded.new_cache()
+        try:  # the Python API's rules for these options, and its messages
+            make_cache(loaded.model, loaded.kv_bits, kv_group_size, loaded.max_kv_size)
         except GenerationError as e:  # one line naming the option and the value
-            message = str(e).replace("kv_bits", "--kv-bits")
+            message = str(e).replace("kv_bits", "--kv-bits").replace("max_kv_size", "--max-kv-size")
             raise ConfigError(message.replace("kv_group_size", "--kv-group-size")) from None
     return loaded
 

@@ -25,12 +25,16 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+from ..cache import ROTATING_KEEP
+
 # Batch shapes the decode step is compiled for: powers of two. Each costs a compile at start-up
 # (on the H100's CUDA backend, ~6 s for the 30B-A3B shape with a warm kernel cache), and a free
 # slot costs compute only, which a decode step has to spare (it waits on weight reads).
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Columns are allocated in steps of this many (as mlx-lm's KVCache grows).
 STEP = 256
+# A windowed row (--max-kv-size) always attends to its first tokens, as mlx-lm's rotating cache.
+KEEP = ROTATING_KEEP
 
 
 def bucket_for(rows: int) -> int:
@@ -117,8 +121,17 @@ class QuantizedSlotLayer(SlotLayer):
 class Slots:
     """The K/V of up to `size` rows for every layer of a model (see the module docstring)."""
 
-    def __init__(self, model: Any, template: list[KVCache | QuantizedKVCache], size: int):
-        """`template`: a row's caches (plain or quantized: the slots are of the same kind)."""
+    def __init__(
+        self,
+        model: Any,
+        template: list[KVCache | QuantizedKVCache],
+        size: int,
+        window: int | None = None,
+    ):
+        """`template`: a row's caches (plain or quantized: the slots are of the same kind).
+        `window` (--max-kv-size): each row attends to its first KEEP tokens and its latest
+        window - KEEP, as mlx-lm's RotatingKVCache(window, keep=KEEP) does; the columns in between
+        are masked, then dropped once there are STEP of them."""
         attn = model.layers[0].self_attn
         heads, head_dim = attn.n_kv_heads, attn.head_dim
         embed = model.model.embed_tokens  # K/V come out in the activations' dtype
@@ -127,6 +140,8 @@ class Slots:
         self.size = size
         self.end = 0
         self.pads: list[int | None] = [None] * size  # None: a free slot
+        self.window = window
+        self.dropped = [0] * size  # a windowed row's tokens whose columns are gone
         if self.quantized:  # packed values, then a scale and a bias per group
             bits, group = template[0].bits, template[0].group_size
             widths = [(head_dim * bits // 32, mx.uint32)] + [(head_dim // group, dtype)] * 2
@@ -154,7 +169,13 @@ class Slots:
         return [s for s, pad in enumerate(self.pads) if pad is None]
 
     def length(self, slot: int) -> int:
-        return self.end - self.pads[slot]
+        """Tokens the row has seen (its position)."""
+        return self.end - self.pads[slot] + self.dropped[slot]
+
+    def whole(self, slot: int) -> bool:
+        """Whether the row's K/V are those of all its tokens with full attention (a prefix store
+        entry can then be made of them)."""
+        return self.window is None or self.length(slot) <= self.window
 
     # -- rows come and go ----------------------------------------------------------------------
 
@@ -163,7 +184,7 @@ class Slots:
         n = caches[0].offset
         if not n:  # a one-token prompt: nothing cached yet
             self._reserve(self.end + 1)
-            self.pads[slot] = self.end
+            self.pads[slot], self.dropped[slot] = self.end, 0
             return
         if n > self.end:
             self._shift(n - self.end)
@@ -174,10 +195,13 @@ class Slots:
             theirs = _parts(c.keys) + _parts(c.values)
             for stored, new in zip(mine, theirs, strict=True):
                 stored[slot : slot + 1, :, start : self.end, :] = new[:, :, :n, :]
-        self.pads[slot] = start
+        self.pads[slot], self.dropped[slot] = start, 0
 
     def release(self, slot: int) -> None:
-        self.pads[slot] = None
+        self.pads[slot], self.dropped[slot] = None, 0
+        self._drop_unused()
+
+    def _drop_unused(self) -> None:
         live = [p for p in self.pads if p is not None]
         if live and min(live) >= STEP:  # the longest rows left: drop the columns nobody uses
             drop = min(live) // STEP * STEP
@@ -215,6 +239,7 @@ class Slots:
         for layer in self.layers:
             layer._map(lambda p: mx.take(p, index, axis=0))
         self.pads = [self.pads[s] for s in order] + [None] * (size - len(order))
+        self.dropped = [self.dropped[s] for s in order] + [0] * (size - len(order))
         self.size = size
         return list(range(len(order)))
 
@@ -222,12 +247,40 @@ class Slots:
 
     def begin_step(self) -> None:
         """Positions and mask for the step that writes column `end` (made once for all layers)."""
+        if self.window is not None:
+            self._compact_windows()
         self._reserve(self.end + 1)
         end = self.end
         pads = [end if p is None else p for p in self.pads]  # a free slot sees its own column
-        self.positions = mx.array([end - p for p in pads], dtype=mx.int32)
-        columns = mx.arange(end + 1)
-        self.mask = (columns[None, :] >= mx.array(pads)[:, None])[:, None, None, :]
+        positions = [end - p + d for p, d in zip(pads, self.dropped, strict=True)]
+        self.positions = mx.array(positions, dtype=mx.int32)
+        columns = mx.arange(end + 1)[None, :]
+        starts = mx.array(pads)[:, None]
+        visible = columns >= starts
+        if self.window is not None:
+            recent = [max(p + KEEP, end + 1 - (self.window - KEEP)) for p in pads]
+            visible &= (columns < starts + KEEP) | (columns >= mx.array(recent)[:, None])
+        self.mask = visible[:, None, None, :]
+
+    def _compact_windows(self) -> None:
+        """Drop a windowed row's masked columns once there are STEP of them: its KEEP first
+        columns move up next to its recent ones."""
+        end = self.end
+        for slot, pad in enumerate(self.pads):
+            if pad is None:
+                continue
+            recent = end + 1 - (self.window - KEEP)  # the step's first visible recent column
+            if recent - KEEP - pad < STEP:
+                continue
+            new_pad = recent - KEEP
+            for layer in self.layers:
+                for part in layer.key_parts + layer.value_parts:
+                    part[slot : slot + 1, :, new_pad:recent, :] = part[
+                        slot : slot + 1, :, pad : pad + KEEP, :
+                    ]
+            self.dropped[slot] += new_pad - pad
+            self.pads[slot] = new_pad
+        self._drop_unused()
 
     def advance(self) -> None:
         self.end += 1
