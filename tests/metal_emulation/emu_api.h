@@ -41,6 +41,9 @@ void emu_entry(void* const* buffers, const EmuAttrs* attrs);
 void emu_simd_exchange(uint64_t value, int op, uint64_t* all, uint32_t* active);
 // The calling thread's lane in its SIMD group.
 uint32_t emu_lane(void);
+// A threadgroup variable of the kernel (its static copy, see emulate.py): filled with 0xff
+// bytes before every threadgroup after the first, as threadgroup memory starts undefined.
+void emu_register_shared(uintptr_t address, uint64_t nbytes);
 // threadgroup_barrier: every running thread of the threadgroup waits for the others.
 void emu_threadgroup_barrier(void);
 

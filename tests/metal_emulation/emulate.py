@@ -37,7 +37,9 @@ import numpy as np
 from qwen3_mlx import kernels
 
 HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("QWEN3_MLX_METAL_EMU_CACHE", Path(tempfile.gettempdir()) / "qwen3_mlx_metal_emu"))
+CACHE = Path(
+    os.environ.get("QWEN3_MLX_METAL_EMU_CACHE", Path(tempfile.gettempdir()) / "qwen3_mlx_metal_emu")
+)
 CXX = os.environ.get("CXX_EMU", "clang++")
 CXXFLAGS = ["-std=c++20", "-O1", "-fno-strict-aliasing", "-Wno-unknown-attributes", "-w"]
 
@@ -174,7 +176,13 @@ def metal_source(
     if template:
         kinds = []
         for key, value in template:
-            kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "typename"
+            kind = (
+                "bool"
+                if isinstance(value, bool)
+                else "int"
+                if isinstance(value, int)
+                else "typename"
+            )
             kinds.append(f"{kind} {key}")
         src += "template <" + ", ".join(kinds) + ">\n"
     src += f"[[kernel]] void {func}(\n"
@@ -199,7 +207,7 @@ def metal_source(
                 src += f"  const constant int& {n}_ndim [[buffer({index})]],\n"
                 buffers.append(("ndim", n))
                 index += 1
-    for i, (n, dtype) in enumerate(zip(output_names, output_dtypes, strict=True)):
+    for n, dtype in zip(output_names, output_dtypes, strict=True):
         src += f"  device {TYPE_STRINGS[dtype]}* {n} [[buffer({index})]]"
         # MLX compares the running buffer index with inputs + outputs (not counting the
         # shape buffers), so it can close the list early; reproduced as written.
@@ -222,19 +230,29 @@ def metal_source(
 
 
 _SHARED_DECL = re.compile(r"^(\s*)(SHARED|threadgroup)(\s)", re.M)
+_STATIC_SHARED = re.compile(
+    r"^\s*static (?:SHARED|threadgroup)\s+[\w:<>, ]+?\s+(?P<name>\w+)\s*(?:\[[^;]*\])?\s*;", re.M
+)
 
 
-def emulated_source(mlx_src: str, body: str, func: str, template, inputs, output_dtypes, buffers) -> str:
+def emulated_source(
+    mlx_src: str, body: str, func: str, template, inputs, output_dtypes, buffers
+) -> str:
     """C++ for clang++: metal_shim.h + MLX's source (see the module docstring) + emu_entry."""
     src = mlx_src
     new_body = _SHARED_DECL.sub(r"\1static \2\3", body)
+    # ... and each registers itself, to be filled with garbage between threadgroups
+    new_body = _STATIC_SHARED.sub(
+        r"\g<0> emu_register_shared((uintptr_t)&\g<name>, sizeof(\g<name>));", new_body
+    )
     if body not in src:
         raise EmulationError("body not found in source")
     src = src.replace(body, new_body)
     src = re.sub(r"\ntemplate \[\[host_name\(.*\n", "\n", src)
     targs = "<" + ", ".join(_template_value(v) for _, v in template) + ">" if template else ""
     args = []
-    infos = {n: i for n, i in zip([b[1] for b in buffers if b[0] in ("input", "scalar")], inputs)}
+    names = [n for role, n in buffers if role in ("input", "scalar")]
+    infos = dict(zip(names, inputs, strict=True))
     out_types = iter(output_dtypes)
     for i, (role, n) in enumerate(buffers):
         if role in ("input", "scalar"):
@@ -344,7 +362,9 @@ class Launch:
     threadgroup: tuple[int, int, int]
 
 
-def prepare(name, inputs, template, grid, threadgroup, output_shapes, output_dtypes, prelude=None) -> Launch:
+def prepare(
+    name, inputs, template, grid, threadgroup, output_shapes, output_dtypes, prelude=None
+) -> Launch:
     """The launch `kernels._run(name, ...)` would make, as source + buffers."""
     header, body = kernels.kernel_source(name, "metal", kernels.KERNEL_COMMENTS)
     if prelude is not None:  # a replacement prelude.metal.h text (the deliberate-break test)
@@ -395,7 +415,12 @@ def execute(launch: Launch, seed: int = 0, timeout: int = 120) -> list[bytes]:
     gx, gy, gz = launch.grid
     tx, ty, tz = (min(t, g) for t, g in zip(launch.threadgroup, launch.grid, strict=True))
     with tempfile.TemporaryDirectory(prefix="emu-run-") as tmp:
-        lines = [f"grid {gx} {gy} {gz}", f"group {tx} {ty} {tz}", f"seed {seed}", f"timeout {timeout}"]
+        lines = [
+            f"grid {gx} {gy} {gz}",
+            f"group {tx} {ty} {tz}",
+            f"seed {seed}",
+            f"timeout {timeout}",
+        ]
         out_iter = iter(launch.outputs)
         for i, ((role, _), blob) in enumerate(zip(launch.buffers, launch.data, strict=True)):
             if role == "output":
@@ -410,7 +435,9 @@ def execute(launch: Launch, seed: int = 0, timeout: int = 120) -> list[bytes]:
         manifest = os.path.join(tmp, "manifest")
         Path(manifest).write_text("\n".join(lines) + "\n")
         try:
-            proc = subprocess.run([str(exe), manifest], capture_output=True, text=True, timeout=timeout + 30)
+            proc = subprocess.run(
+                [str(exe), manifest], capture_output=True, text=True, timeout=timeout + 30
+            )
         except subprocess.TimeoutExpired as e:
             raise EmulationError(f"{launch.name}: timed out (deadlock?)") from e
         if proc.returncode != 0:
@@ -439,8 +466,12 @@ class Emulator:
         args = dict(name=name, prelude=self.prelude, **kwargs)
         args.pop("init_value", None)
         launch = prepare(**args)
-        key = (name, tuple(str(a.dtype) for a in kwargs["inputs"]))
-        if self.strict and key not in _strict_checked:  # once per kernel and input types
+        # once per kernel, input types and address spaces (`constant` below 8 elements)
+        key = (
+            name,
+            tuple((str(a.dtype), a.size < MAX_CONSTANT_ARRAY_SIZE) for a in kwargs["inputs"]),
+        )
+        if self.strict and key not in _strict_checked:
             check_strict(strict_variant(args))
             _strict_checked.add(key)
         blobs = execute(launch, seed=self.seed)

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -69,6 +70,9 @@ struct Launch {
 
 Launch L;
 
+std::mutex shared_mutex;
+std::vector<std::pair<unsigned char*, size_t>> shared_regions;
+
 struct ThreadCtx {
   int tid = 0;
   int lane = 0;
@@ -83,6 +87,7 @@ void fail(int code, const char* what) {
 }
 
 void reset_group() {
+  for (auto& [p, n] : shared_regions) std::memset(p, 0xff, n);
   L.tg_bar.emplace(L.threads);
   for (int t = 0; t < L.threads; t++) {
     L.tg_count[t] = 0;
@@ -200,6 +205,15 @@ extern "C" unsigned short __gnu_f2h_ieee(float f) {
   const uint32_t rest = abs & 0x1fffu;
   if (rest > 0x1000u || (rest == 0x1000u && (v & 1u))) v++;
   return uint16_t(sign | v);
+}
+
+extern "C" void emu_register_shared(uintptr_t address, uint64_t nbytes) {
+  std::lock_guard<std::mutex> lock(shared_mutex);
+  auto* p = reinterpret_cast<unsigned char*>(address);
+  for (auto& r : shared_regions) {
+    if (r.first == p) return;
+  }
+  shared_regions.emplace_back(p, size_t(nbytes));
 }
 
 extern "C" uint32_t emu_lane(void) { return uint32_t(ctx.lane); }
