@@ -18,9 +18,11 @@ from .terminal import (
     ReplyPrinter,
     add_model_arguments,
     add_sampling_arguments,
+    add_speculative_arguments,
     load_for_cli,
     run_cli,
     sampling_from_args,
+    speculative_from_args,
 )
 
 
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.generat
         "default: the whole model on one process)",
     )
     add_sampling_arguments(parser)
+    add_speculative_arguments(parser)
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.generat
                 cache = PromptCache(
                     make_cache(model, args.kv_bits, args.kv_group_size, args.max_kv_size)
                 )
+        speculative = speculative_from_args(args)
         printer = ReplyPrinter(show_thinking=not args.hide_thinking)
         response = None
         for response in stream_generate(
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.generat
             kv_bits=args.kv_bits,
             kv_group_size=args.kv_group_size,
             max_kv_size=args.max_kv_size,
+            **speculative,
         ):
             printer.feed(response)
         printer.close()

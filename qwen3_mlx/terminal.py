@@ -134,6 +134,41 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    s = parser.add_argument_group("speculative decoding (the same output, fewer model passes)")
+    s.add_argument(
+        "--draft-model",
+        help="a smaller model with the same vocabulary drafts tokens for this one to check "
+        "(e.g. Qwen3-0.6B; default: none)",
+    )
+    s.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=3,
+        help="tokens drafted per pass of the model (default: %(default)s)",
+    )
+    s.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="N",
+        help="draft from the text so far, where its last N tokens occurred before "
+        "(no draft model; default: off)",
+    )
+
+
+def speculative_from_args(args: argparse.Namespace) -> dict:
+    """The stream_generate keywords of the speculative flags (the draft model loaded)."""
+    if args.draft_model is None and args.prompt_lookup is None:
+        return {}
+    if args.draft_model is not None:
+        from .assets import resolve_model_argument
+        from .loading import load
+
+        draft = load(resolve_model_argument(args.draft_model))[0]
+        return {"draft_model": draft, "num_draft_tokens": args.num_draft_tokens}
+    return {"prompt_lookup": args.prompt_lookup, "num_draft_tokens": args.num_draft_tokens}
+
+
 SAMPLING_FLAGS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "repetition_context_size", "presence_penalty", "frequency_penalty", "seed", "stop",

@@ -33,6 +33,7 @@ from ..parsing import Delta, ToolCall
 from ..sampling import SamplingParams
 from .prompt import generation_config, prepare_prompt
 from .sequence import Sequence, TokenLogprob
+from .speculative import DEFAULT_DRAFT_TOKENS, drafter_for, speculative_sequence
 from .step import Sampled, SamplingStep, forward, generation_stream, prefill, wired_limit
 
 DEFAULT_PREFILL_STEP_SIZE = 2048
@@ -51,6 +52,11 @@ class GenerationStats:
     time_to_first_token: float = 0.0  # seconds from the call to the first token
     peak_memory: float = 0.0  # GB, mx.get_peak_memory()
     finish_reason: str | None = None
+    # Speculative decoding (draft_model / prompt_lookup): drafted tokens, and how many of them
+    # the model confirmed or replaced.
+    total_draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    rejected_draft_tokens: int = 0
 
     @property
     def prompt_tps(self) -> float:
@@ -64,11 +70,16 @@ class GenerationStats:
 
     def summary(self) -> str:
         cached = f", {self.cached_tokens} cached" if self.cached_tokens else ""
+        drafts = (
+            f" | Drafts: {self.accepted_draft_tokens}/{self.total_draft_tokens} accepted"
+            if self.total_draft_tokens
+            else ""
+        )
         return (
             f"Prompt: {self.prompt_tokens} tokens{cached}, {self.prompt_tps:.1f} tokens/s | "
             f"Generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s | "
             f"TTFT: {self.time_to_first_token:.3f}s | Peak memory: {self.peak_memory:.3f} GB | "
-            f"Finish: {self.finish_reason}"
+            f"Finish: {self.finish_reason}{drafts}"
         )
 
 
@@ -260,12 +271,44 @@ def stream_generate(
     follow generation_config.json, then Qwen3's recommendations for the mode; cache: a
     `PromptCache` to reuse and keep across calls, else a fresh one (quantized with
     kv_bits / kv_group_size, bounded with max_kv_size).
+    kv_bits / kv_group_size, bounded with max_kv_size). Speculative decoding
+    (generation/speculative.py; the same output, fewer passes of the model): draft_model (a
+    loaded model or a path sharing the model's vocabulary) with num_draft_tokens (default 3),
+    or prompt_lookup=N (drafts from the text so far, matching its last N tokens).
     """
+    seq, responses = _start(model, tokenizer, prompt, messages, prefill_step_size, kwargs)
+    yield from responses
+
+
+def _start(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | list[int] | None,
+    messages: list[Any] | None,
+    prefill_step_size: int,
+    kwargs: dict[str, Any],
+) -> tuple[Sequence, Iterator[GenerationResponse]]:
+    """The request's Sequence and its responses: plain decoding, or speculative when a drafter
+    is asked for."""
     start = time.perf_counter()
+    drafter = drafter_for(model, kwargs.pop("draft_model", None), kwargs.pop("prompt_lookup", None))
+    num_draft_tokens = kwargs.pop("num_draft_tokens", DEFAULT_DRAFT_TOKENS)
     seq, cache = start_request(model, tokenizer, prompt, messages, **kwargs)
-    yield from stream_sequence(
-        model, seq, cache, prefill_step_size=prefill_step_size, start_time=start
-    )
+    if drafter is None:
+        responses = stream_sequence(
+            model, seq, cache, prefill_step_size=prefill_step_size, start_time=start
+        )
+    else:
+        responses = speculative_sequence(
+            model,
+            seq,
+            cache,
+            drafter,
+            num_draft_tokens,
+            prefill_step_size=prefill_step_size,
+            start_time=start,
+        )
+    return seq, responses
 
 
 def generate(
@@ -278,12 +321,9 @@ def generate(
     **kwargs: Any,
 ) -> GenerationResult:
     """Like `stream_generate` (same arguments), but returns the whole result."""
-    start = time.perf_counter()
-    seq, cache = start_request(model, tokenizer, prompt, messages, **kwargs)
+    seq, responses = _start(model, tokenizer, prompt, messages, prefill_step_size, kwargs)
     stats = GenerationStats()
-    for response in stream_sequence(
-        model, seq, cache, prefill_step_size=prefill_step_size, start_time=start
-    ):
+    for response in responses:
         stats = response.stats
     return result_of(seq, stats)
 

@@ -1,0 +1,123 @@
+"""Speculative decoding (generation/speculative.py): the same output as plain decoding, fewer
+passes of the model. The demo model drafts for itself (most drafts accepted) and a tiny random
+model with the same vocabulary drafts badly (most rejected); prompt lookup drafts from the text.
+Every case is compared token for token with plain decoding: greedy, sampled with a seed,
+penalties, a thinking budget, stop strings, logprobs."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen3_mlx import generate, load
+from qwen3_mlx.errors import GenerationError
+
+WEATHER = [{"role": "user", "content": "Tell me about the weather in Paris"}]
+
+
+@pytest.fixture(scope="module")
+def demo(demo_model_dir):
+    return load(demo_model_dir)
+
+
+@pytest.fixture(scope="module")
+def stranger(tiny_qwen3_dir):
+    return load(tiny_qwen3_dir)[0]
+
+
+CASES = {
+    "greedy": dict(temperature=0),
+    "sampled": dict(temperature=0.9, top_p=0.95, seed=11),
+    "penalties": dict(temperature=0.7, seed=3, frequency_penalty=0.8, presence_penalty=0.3),
+    "budget": dict(temperature=0, thinking_budget=6),
+    "stop": dict(temperature=0, stop=["Paris"]),
+    "logprobs": dict(temperature=0, logprobs=True, top_logprobs=3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("drafter", ["self", "stranger", "lookup"])
+def test_same_output_as_plain_decoding(demo, stranger, case, drafter):
+    model, tokenizer = demo
+    request = dict(messages=WEATHER, max_tokens=60, **CASES[case])
+    plain = generate(model, tokenizer, **request)
+    draft = {
+        "self": dict(draft_model=model, num_draft_tokens=4),
+        "stranger": dict(draft_model=stranger, num_draft_tokens=2),
+        "lookup": dict(prompt_lookup=2),
+    }[drafter]
+    fast = generate(model, tokenizer, **request, **draft)
+    assert fast.tokens == plain.tokens
+    assert (fast.text, fast.finish_reason) == (plain.text, plain.finish_reason)
+    if case == "logprobs":
+        assert [(p.token, round(p.logprob, 4)) for p in fast.logprobs] == [
+            (p.token, round(p.logprob, 4)) for p in plain.logprobs
+        ]
+    s = fast.stats
+    assert s.total_draft_tokens > 0
+    assert s.accepted_draft_tokens + s.rejected_draft_tokens <= s.total_draft_tokens
+    if drafter == "self" and case == "greedy":
+        assert s.accepted_draft_tokens > s.rejected_draft_tokens  # it agrees with itself
+
+
+def test_fewer_model_passes_when_drafts_are_right(demo):
+    model, tokenizer = demo
+    calls = []
+    body = model.model
+    original = type(body).__call__
+
+    def counted(self, *args, **kwargs):
+        if self is body:
+            calls.append(1)
+        return original(self, *args, **kwargs)
+
+    type(body).__call__ = counted
+    try:
+        result = generate(
+            model, tokenizer, messages=WEATHER, max_tokens=60, temperature=0, draft_model=model
+        )
+    finally:
+        type(body).__call__ = original
+    target_passes = len(calls) - result.stats.total_draft_tokens - 1  # the draft is the same body
+    assert target_passes < len(result.tokens)
+
+
+def test_a_draft_of_another_vocabulary_is_refused(demo, tiny_qwen3_dir):
+    import json
+
+    from qwen3_mlx.config import ModelArgs
+    from qwen3_mlx.model import Model
+
+    model, tokenizer = demo
+    config = json.loads((tiny_qwen3_dir / "config.json").read_text())
+    other = Model(ModelArgs.from_dict({**config, "vocab_size": 1000}))
+    with pytest.raises(GenerationError, match="vocabulary has 1000 tokens"):
+        generate(model, tokenizer, messages=WEATHER, max_tokens=5, draft_model=other)
+
+
+def test_a_bounded_cache_is_refused(demo):
+    model, tokenizer = demo
+    with pytest.raises(GenerationError, match="bounded"):
+        generate(model, tokenizer, messages=WEATHER, max_tokens=5, max_kv_size=64, prompt_lookup=2)
+
+
+def test_the_generate_cli(demo_model_dir):
+    import subprocess
+    import sys
+
+    from tests.server_process import ROOT
+
+    def run(*extra):
+        command = [sys.executable, "-m", "qwen3_mlx.generate", "--model", str(demo_model_dir)]
+        command += ["--prompt", "Tell me about the weather in Paris", "--temperature", "0"]
+        command += ["--max-tokens", "40", *extra]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    plain = run()
+    drafted = run("--draft-model", str(demo_model_dir), "--num-draft-tokens", "4")
+    looked_up = run("--prompt-lookup", "2")
+    assert plain.returncode == drafted.returncode == looked_up.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout == looked_up.stdout
+    assert "Drafts:" in drafted.stderr and "Drafts:" not in plain.stderr
+    bad = run("--prompt-lookup", "2", "--num-draft-tokens", "0")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "Traceback" not in bad.stderr
