@@ -4,6 +4,7 @@ prompt.py    messages / raw text → tokens and the reply's starting state; gene
 sequence.py  Sequence: one request's state (stops, thinking, grammar gate, finish reason)
 step.py      the model seam (forward, prefill) and the batched sampling step
 loop.py      the single-request loop and the Python API (generate, stream_generate)
+speculative.py  draft_model / prompt_lookup: the same tokens from fewer passes of the model
 """
 
 from .loop import (

@@ -148,12 +148,9 @@ def speculative_sequence(
         known.extend(seq.prompt_tokens[reused:])
         drafts: list[int] = []
         while True:
-            # Row i is the model's distribution after the input and drafts[:i].
-            accepted = 0
-            for i in range(rows.shape[0]):
-                sampled = step(rows[i : i + 1])
-                fed = step.feed(sampled.tokens)
-                (out,) = step.read(sampled, fed)
+            outputs = []
+            for out in check_drafts(step, rows, drafts):
+                outputs.append(out)
                 history.append(out.token)
                 now = time.perf_counter()
                 if first_token_time is None:
@@ -173,22 +170,44 @@ def speculative_sequence(
                     finish_reason=out.finish_reason,
                     stats=stats,
                 )
-                if seq.finished:
-                    return
-                if i == len(drafts) or out.token != drafts[i]:
-                    break
-                accepted += 1
+            if seq.finished:
+                return
             # The cache holds the input and every draft; keep the input and the accepted ones.
+            accepted = len(outputs) - 1
             stats.accepted_draft_tokens += accepted
             stats.rejected_draft_tokens += len(drafts) - accepted
-            rejected = len(drafts) - accepted
-            if rejected:
-                mlx_cache.trim_prompt_cache(layers, rejected)
-                del known[len(known) - rejected :]
+            rewind(layers, len(drafts) - accepted)
+            del known[len(known) - (len(drafts) - accepted) :]
             k = min(num_draft_tokens, seq.tokens_left - 1)
             drafts = drafter.propose(history, k) if k > 0 else []
             stats.total_draft_tokens += len(drafts)
             tokens = [history[-1], *drafts]
             known.extend(tokens)
-            hidden = model.model(mx.array([tokens]), layers)
-            rows = model.logits(hidden[0]).astype(mx.float32)
+            rows = verify_rows(model, layers, tokens)
+
+
+def check_drafts(step: SamplingStep, rows: mx.array, drafts: list[int]) -> Iterator[Any]:
+    """Row i (the model after the input and drafts[:i]) through the one-row sampling step, in
+    order: yields each SequenceOutput, and stops after the first whose token is not drafts[i]
+    (that row's own token ends the round), after the last row, or when the sequence finishes.
+    Every yielded output but the last confirmed its draft."""
+    (seq,) = step.sequences
+    for i in range(rows.shape[0]):
+        sampled = step(rows[i : i + 1])
+        fed = step.feed(sampled.tokens)
+        (out,) = step.read(sampled, fed)
+        yield out
+        if seq.finished or i == len(drafts) or out.token != drafts[i]:
+            return
+
+
+def verify_rows(model: Any, layers: list[Any], tokens: list[int]) -> mx.array:
+    """The model's logits (len(tokens), vocabulary) after each of `tokens`, fed into `layers`."""
+    hidden = model.model(mx.array([tokens]), layers)
+    return model.logits(hidden[0]).astype(mx.float32)
+
+
+def rewind(layers: list[Any], n: int) -> None:
+    """Forget the cache's last `n` positions (drafts the model did not confirm)."""
+    if n:
+        mlx_cache.trim_prompt_cache(layers, n)

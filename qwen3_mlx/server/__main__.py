@@ -133,6 +133,24 @@ def build_parser(prog: str = "python -m qwen3_mlx.server") -> argparse.ArgumentP
         "default: no window)",
     )
     p.add_argument(
+        "--draft-model",
+        help="speculative decoding: a smaller model with the same vocabulary (e.g. Qwen3-0.6B) "
+        "drafts tokens for a request decoding alone; same output, fewer passes (default: none)",
+    )
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="N",
+        help="speculative decoding without a draft model: draft from the text so far, where "
+        "its last N tokens occurred before (default: off)",
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=3,
+        help="tokens drafted per pass (default: %(default)s)",
+    )
+    p.add_argument(
         "--no-warmup",
         dest="warmup",
         action="store_false",
@@ -256,6 +274,8 @@ def build_app(args: argparse.Namespace, leader: bool = True):
                 max_kv_size=args.max_kv_size,
             )
         )
+    if args.draft_model is not None or args.prompt_lookup is not None:
+        add_drafting(models, args)
     registry = ModelRegistry(models)
     engine = Engine(
         models,
@@ -275,6 +295,42 @@ def build_app(args: argparse.Namespace, leader: bool = True):
         reasoning_format=args.reasoning_format,
     )
     return create_app(registry, engine, settings)
+
+
+def add_drafting(models: list, args: argparse.Namespace) -> None:
+    """--draft-model / --prompt-lookup for every chat model (a draft of another vocabulary, or
+    a bounded cache, is one line of error)."""
+    from ..assets import resolve_model_argument
+    from ..errors import ConfigError, GenerationError
+    from ..generation.speculative import DraftModel, PromptLookup
+    from ..loading import load
+    from .models import Drafting
+
+    if args.parallel:
+        raise ConfigError("--draft-model / --prompt-lookup: not with --parallel")
+    if args.max_kv_size is not None:
+        raise ConfigError(
+            "--draft-model / --prompt-lookup: not with --max-kv-size (a windowed "
+            "cache can't be rewound after a wrong draft)"
+        )
+    if args.num_draft_tokens < 1:
+        raise ConfigError(f"--num-draft-tokens {args.num_draft_tokens}: must be at least 1")
+    draft, name = None, f"prompt-lookup-{args.prompt_lookup}"
+    if args.draft_model is not None:
+        if args.prompt_lookup is not None:
+            raise ConfigError("give --draft-model or --prompt-lookup, not both")
+        source = resolve_model_argument(args.draft_model)
+        print(f"loading draft model {source} ...", file=sys.stderr, flush=True)
+        draft, name = load(source)[0], str(args.draft_model)
+    for m in models:
+        if m.kind != "llm":
+            continue
+        try:
+            DraftModel(draft, m.model) if draft is not None else PromptLookup(args.prompt_lookup)
+        except GenerationError as e:
+            message = str(e).replace("draft_model", "--draft-model")
+            raise ConfigError(message.replace("prompt_lookup", "--prompt-lookup")) from None
+        m.drafting = Drafting(args.num_draft_tokens, draft, name, args.prompt_lookup)
 
 
 def serve_distributed(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from ..generation import Sampled, SamplingStep, forward, prefill
+from ..generation.speculative import verify_rows
 from ..model import embed_rows
 from .jobs import GenerationRequest
 from .models import LoadedModel
@@ -33,6 +34,9 @@ class Row:
         self.next_input = request.prompt[-1]
         self.started = False
         self.slot = 0  # its slot in the batch's `Slots`
+        # Speculative decoding while it decodes alone (decode.py `_speculate`).
+        self.drafter = None
+        self.drafted = self.accepted = self.rejected = 0
         self.first_token_at: float | None = None
 
 
@@ -156,6 +160,10 @@ def warm_up(loaded: LoadedModel, max_rows: int, prefill_step: int) -> float:
     seconds_per_token = (time.perf_counter() - started) / prefill_step
     for _ in range(2):
         mx.eval(forward(model, mx.array([[1]], dtype=mx.int32), cache))
+    if loaded.drafting is not None:  # a lone row's speculative round: the draft, k + 1 rows
+        k = loaded.drafting.num_draft_tokens
+        loaded.drafting.drafter(model).propose(prompt[:17], k)
+        mx.eval(verify_rows(model, [copy_prefix(c, 17) for c in cache], [1] * (k + 1)))
     short = [copy_prefix(c, 17) for c in cache]
     for size in buckets_up_to(max_rows):
         if size < 2 and loaded.max_kv_size is None:  # a lone row decodes in plain caches

@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from ..distributed.job import share_tokens
 from ..generation import Sampled, SamplingStep
+from ..generation.speculative import check_drafts, rewind, verify_rows
 from .batch import Batch, Queued
 from .jobs import Output
 
@@ -35,6 +36,13 @@ class DecodeLoop:
         Builds and queues step N+1 on the tokens of step N (still on the device), then reads
         step N. A batch with a constrained row reads step N first (its mask needs the token)."""
         self._drop_cancelled(batch)
+        if (
+            len(batch.rows) == 1
+            and batch.slots is None
+            and batch.loaded.drafting is not None
+            and self._sync is None
+        ):
+            return self._speculate(batch)
         previous, batch.queued = batch.queued, None
         if previous is not None:
             previous.fed = previous.step.feed(previous.sampled.tokens)
@@ -109,6 +117,55 @@ class DecodeLoop:
             self._fail(row.request, error, "sampling")
         batch.keep([])
         return None
+
+    def _speculate(self, batch: Batch) -> None:
+        """A row decoding alone: one round of speculative decoding (generation/speculative.py),
+        the same tokens as `_queue`/`_read` would give, from fewer passes of the model. A step
+        still queued from batched decoding is read first."""
+        if batch.queued is not None:
+            previous, batch.queued = batch.queued, None
+            previous.fed = previous.step.feed(previous.sampled.tokens)
+            self._read(batch, previous)
+            if not batch.rows:
+                return
+        (row,) = batch.rows
+        seq, loaded = row.sequence, batch.loaded
+        if batch.step is None:
+            batch.step = SamplingStep([seq])
+        if not row.started:
+            row.fed.append(row.next_input)  # row.fed now ends with the input not yet fed
+            row.started = True
+        try:
+            if row.drafter is None:
+                row.drafter = loaded.drafting.drafter(loaded.model)
+            k = min(loaded.drafting.num_draft_tokens, seq.tokens_left - 1)
+            drafts = row.drafter.propose(row.fed, k) if k > 0 else []
+            rows = verify_rows(loaded.model, batch.cache, [row.next_input, *drafts])
+            outputs = list(check_drafts(batch.step, rows, drafts))
+        except Exception as e:
+            self._fail(row.request, e, "speculative decoding")
+            batch.keep([])
+            return
+        self.steps += 1
+        row.drafted += len(drafts)
+        now = time.perf_counter()
+        for out in outputs:
+            row.next_input = out.token
+            if row.first_token_at is None:
+                row.first_token_at = now
+            if out.text or out.tool_calls or out.logprobs is not None or out.finish_reason:
+                row.request.channel.put(Output(out))
+        if seq.finished or seq.constraint_failed:
+            # The cache holds K/V for everything fed but the final token.
+            row.fed.extend(out.token for out in outputs[:-1])
+            self._retire(batch, 0, row)
+            batch.keep([])
+            return
+        accepted = len(outputs) - 1
+        row.accepted += accepted
+        row.rejected += len(drafts) - accepted
+        rewind(batch.cache, len(drafts) - accepted)
+        row.fed.extend(out.token for out in outputs)
 
     def _read(self, batch: Batch, queued: Queued) -> None:
         """Turn a queued step's tokens into events; retire the rows that finished."""

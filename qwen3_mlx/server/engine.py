@@ -385,6 +385,10 @@ class Engine(PrefillLoop, DecodeLoop):
             cached_tokens=row.cached_tokens,
             time_to_first_token=first - row.request.submitted_at,
             generation_time=end - first,
+            draft_tokens=row.drafted,
+            accepted_draft_tokens=row.accepted,
+            rejected_draft_tokens=row.rejected,
+            draft_model=row.request.model.drafting.name if row.drafter is not None else None,
         )
 
     def _finish_cancelled(self, request: GenerationRequest, row: Row | None = None) -> None:

@@ -37,6 +37,11 @@ class Finished:
     cached_tokens: int
     time_to_first_token: float
     generation_time: float
+    # Speculative decoding (--draft-model / --prompt-lookup): tokens drafted, confirmed, replaced.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    rejected_draft_tokens: int = 0
+    draft_model: str | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from ..cache import enable_long_context, make_cache
 from ..config import generation_config as read_generation_config
 from ..config import load_config
 from ..errors import ConfigError, GenerationError
+from ..generation.speculative import DraftModel, PromptLookup
 from ..hub import resolve_model_path
 from ..loading import model_from_config, prepare_for_inference, quantization_of
 from ..model import Model
@@ -23,6 +24,24 @@ from ..tokenizer import Tokenizer, load_tokenizer
 
 EMBEDDING_MARKERS = ("modules.json", "config_sentence_transformers.json")
 DEMO_MODEL_ID = "qwen3-mlx-demo"
+
+
+@dataclass
+class Drafting:
+    """--draft-model or --prompt-lookup: how a request that decodes alone drafts tokens for the
+    model to check (generation/speculative.py; with other requests running, the batch decodes
+    as usual)."""
+
+    num_draft_tokens: int
+    draft: Any = None  # a loaded draft model (its vocabulary checked against the model's)
+    name: str = ""  # what LM Studio's stats call it (the draft, or prompt-lookup-N)
+    prompt_lookup: int | None = None
+
+    def drafter(self, model: Any) -> DraftModel | PromptLookup:
+        """A request's own drafter (a draft model keeps a KV cache per sequence)."""
+        if self.draft is not None:
+            return DraftModel(self.draft, model)
+        return PromptLookup(self.prompt_lookup)
 
 
 @dataclass
@@ -41,6 +60,7 @@ class LoadedModel:
     # --max-kv-size: while generating, each request attends to its first tokens and its latest
     # ones, this many in all (the batch's slots.py windows); its prompt is read whole.
     max_kv_size: int | None = None
+    drafting: Drafting | None = None
 
     def new_cache(self) -> list[Any]:
         """An empty KV cache for one request's prompt (plain, or quantized with --kv-bits)."""

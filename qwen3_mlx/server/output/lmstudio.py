@@ -24,11 +24,20 @@ def stats_of(finished: Sequence[Finished]) -> Stats:
     decoded = sum(max(f.completion_tokens - 1, 0) for f in finished)
     elapsed = max(f.generation_time for f in finished)
     tps = decoded / elapsed if decoded and elapsed > 0 else 0.0
+    drafts = {}
+    if any(f.draft_model is not None for f in finished):
+        drafts = dict(
+            draft_model=first.draft_model,
+            total_draft_tokens_count=sum(f.draft_tokens for f in finished),
+            accepted_draft_tokens_count=sum(f.accepted_draft_tokens for f in finished),
+            rejected_draft_tokens_count=sum(f.rejected_draft_tokens for f in finished),
+        )
     return Stats(
         tokens_per_second=round(tps, 3),
         time_to_first_token=round(min(f.time_to_first_token for f in finished), 4),
         generation_time=round(elapsed, 4),
         stop_reason=first.stop_reason,
+        **drafts,
     )
 
 

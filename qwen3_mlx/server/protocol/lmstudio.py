@@ -16,6 +16,11 @@ class Stats(Schema):
     time_to_first_token: float
     generation_time: float
     stop_reason: str
+    # With speculative decoding only (as LM Studio reports it).
+    draft_model: str | None = None
+    total_draft_tokens_count: int | None = None
+    accepted_draft_tokens_count: int | None = None
+    rejected_draft_tokens_count: int | None = None
 
 
 class ModelInfo(Schema):

@@ -1,0 +1,85 @@
+"""The server with speculative decoding (--draft-model, --prompt-lookup): a request decoding alone
+gets exactly the reply it gets without (greedy), LM Studio's stats count the drafts, and
+concurrent requests (decoded as a batch, without drafting) are unchanged too."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.server_process import ROOT, ServerProcess
+
+QUESTIONS = ["Tell me about the weather in Paris", "What is the capital of Japan?", "Hello"]
+
+
+def ask(server, text: str, api: str = "/v1") -> dict:
+    r = httpx.post(
+        server.base + api + "/chat/completions",
+        json={
+            "model": "m",
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 48,
+            "temperature": 0,
+        },
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def message(reply: dict) -> tuple:
+    m = reply["choices"][0]["message"]
+    return m.get("reasoning_content"), m.get("content"), reply["usage"]["completion_tokens"]
+
+
+@pytest.fixture(scope="module")
+def plain_replies(demo_model_dir):
+    server = ServerProcess(["--model", str(demo_model_dir)])
+    try:
+        return {q: message(ask(server, q)) for q in QUESTIONS}
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("drafting", ["draft-model", "prompt-lookup"])
+def test_same_replies_with_drafts(demo_model_dir, tiny_qwen3_dir, plain_replies, drafting):
+    # A tiny random model of the same vocabulary drafts badly: most drafts are rejected, so the
+    # cache is rewound often.
+    args = ["--model", str(demo_model_dir), "--num-draft-tokens", "4"]
+    args += (
+        ["--draft-model", str(tiny_qwen3_dir)]
+        if drafting == "draft-model"
+        else ["--prompt-lookup", "2"]
+    )
+    server = ServerProcess(args)
+    try:
+        for q in QUESTIONS:  # alone: drafted
+            reply = ask(server, q, api="/api/v0")
+            assert message(reply) == plain_replies[q]
+            stats = reply["stats"]
+            assert stats["total_draft_tokens_count"] > 0
+            assert (
+                stats["accepted_draft_tokens_count"] + stats["rejected_draft_tokens_count"]
+                <= stats["total_draft_tokens_count"]
+            )
+            assert stats["rejected_draft_tokens_count"] > 0
+            if drafting == "draft-model":
+                assert stats["draft_model"] == str(tiny_qwen3_dir)
+        with ThreadPoolExecutor(3) as pool:  # together: a batch
+            replies = list(pool.map(lambda q: ask(server, q), QUESTIONS))
+        assert [message(r) for r in replies] == [plain_replies[q] for q in QUESTIONS]
+        assert server.health()["status"] == "ok"
+    finally:
+        server.stop()
+
+
+def test_a_bounded_cache_and_drafts_is_one_line(demo_model_dir):
+    command = [sys.executable, "-m", "qwen3_mlx.server", "--model", str(demo_model_dir)]
+    command += ["--prompt-lookup", "2", "--max-kv-size", "64"]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0 and len(errors) == 1 and "--max-kv-size" in errors[0], out.stderr
