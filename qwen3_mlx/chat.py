@@ -38,15 +38,18 @@ from .generation import (
     start_request,
     stream_sequence,
 )
+from .generation.speculative import DEFAULT_DRAFT_TOKENS, drafter_for, speculative_sequence
 from .parsing import ToolCall
 from .sampling import SamplingParams
 from .terminal import (
     ReplyPrinter,
     add_model_arguments,
     add_sampling_arguments,
+    add_speculative_arguments,
     load_for_cli,
     run_cli,
     sampling_from_args,
+    speculative_from_args,
 )
 
 
@@ -83,8 +86,13 @@ class Chat:
         kv_group_size: int = 64,
         max_kv_size: int | None = None,
         params: SamplingParams | None = None,
+        draft_model: Any = None,
+        num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        prompt_lookup: int | None = None,
         **sampling: Any,
     ):
+        """`draft_model` / `prompt_lookup`: speculative decoding, as `stream_generate` (the
+        draft keeps its own cache across turns)."""
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
@@ -93,6 +101,8 @@ class Chat:
         self.thinking_budget = thinking_budget
         self.params = params if params is not None else SamplingParams.from_kwargs(**sampling)
         self.cache = PromptCache(make_cache(model, kv_bits, kv_group_size, max_kv_size))
+        self.drafter = drafter_for(model, draft_model, prompt_lookup)
+        self.num_draft_tokens = num_draft_tokens
         self.history: list[dict[str, Any]] = []
         self.last_reply: ChatReply | None = None
         self.reset()
@@ -148,9 +158,20 @@ class Chat:
             parse_tools=bool(self.tools),
         )
         stats = GenerationStats()
-        for response in stream_sequence(
-            self.model, seq, self.cache, prefill_step_size=prefill_step_size
-        ):
+        if self.drafter is None:
+            responses = stream_sequence(
+                self.model, seq, self.cache, prefill_step_size=prefill_step_size
+            )
+        else:
+            responses = speculative_sequence(
+                self.model,
+                seq,
+                self.cache,
+                self.drafter,
+                self.num_draft_tokens,
+                prefill_step_size=prefill_step_size,
+            )
+        for response in responses:
             stats = response.stats
             yield response
 
@@ -319,6 +340,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.chat") 
         help="print speed and memory stats after each reply (default: off)",
     )
     add_sampling_arguments(parser)
+    add_speculative_arguments(parser)
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -334,6 +356,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.chat") 
             kv_group_size=args.kv_group_size,
             max_kv_size=args.max_kv_size,
             params=params,
+            **speculative_from_args(args),
         )
         return repl(chat, verbose=args.verbose)
 

@@ -69,6 +69,21 @@ def test_same_replies_with_drafts(demo_model_dir, tiny_qwen3_dir, plain_replies,
             assert stats["rejected_draft_tokens_count"] > 0
             if drafting == "draft-model":
                 assert stats["draft_model"] == str(tiny_qwen3_dir)
+        if drafting == "draft-model":  # LM Studio's per-request field names the loaded draft
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+            named = httpx.post(
+                server.v1 + "/chat/completions",
+                json={**body, "draft_model": str(tiny_qwen3_dir)},
+                timeout=60,
+            )
+            assert named.status_code == 200, named.text
+            other = httpx.post(
+                server.v1 + "/chat/completions", json={**body, "draft_model": "x"}, timeout=60
+            )
+            assert other.status_code == 400 and other.json()["error"]["param"] == "draft_model"
+            schema = httpx.get(server.base + "/openapi.json").json()["components"]["schemas"]
+            field = schema["ChatCompletionRequest"]["properties"]["draft_model"]
+            assert field["anyOf"][0]["enum"] == [str(tiny_qwen3_dir)]
         with ThreadPoolExecutor(3) as pool:  # together: a batch
             replies = list(pool.map(lambda q: ask(server, q), QUESTIONS))
         assert [message(r) for r in replies] == [plain_replies[q] for q in QUESTIONS]

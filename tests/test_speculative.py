@@ -121,3 +121,27 @@ def test_the_generate_cli(demo_model_dir):
     bad = run("--prompt-lookup", "2", "--num-draft-tokens", "0")
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error:")
     assert "Traceback" not in bad.stderr
+
+
+def test_chat_turns_with_a_draft(demo, stranger):
+    from qwen3_mlx import Chat
+
+    model, tokenizer = demo
+    turns = ["Hello", "What is the capital of Japan?", "And of France?"]
+    plain = Chat(model, tokenizer, temperature=0)
+    drafted = Chat(model, tokenizer, temperature=0, draft_model=stranger, num_draft_tokens=3)
+    for text in turns:
+        a, b = plain.send(text, max_tokens=40), drafted.send(text, max_tokens=40)
+        assert (b.reasoning, b.content) == (a.reasoning, a.content)
+        assert b.stats.total_draft_tokens > 0
+
+
+def test_a_quantized_cache_is_rewound(stranger, tiny_qwen3_dir):
+    from qwen3_mlx import load
+
+    model, tokenizer = load(tiny_qwen3_dir)
+    request = dict(prompt="one two three one two three one two", max_tokens=30, temperature=0)
+    request.update(kv_bits=8, kv_group_size=32)
+    plain = generate(model, tokenizer, **request)
+    fast = generate(model, tokenizer, prompt_lookup=2, num_draft_tokens=4, **request)
+    assert fast.tokens == plain.tokens and fast.stats.rejected_draft_tokens > 0

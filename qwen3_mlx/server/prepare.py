@@ -152,10 +152,18 @@ def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 # -- shared pieces ------------------------------------------------------------------------------
 
 
-def check_generates(model: LoadedModel) -> None:
+def check_generates(model: LoadedModel, draft: str | None = None) -> None:
+    """A chat model, and the draft a request names (LM Studio's `draft_model`) is the loaded one."""
     if model.kind != "llm":
         raise ApiError(
             400, f"model '{model.id}' is an embedding model; use /v1/embeddings", param="model"
+        )
+    loaded = model.drafting.name if model.drafting is not None else None
+    if draft is not None and draft != loaded:
+        raise ApiError(
+            400,
+            f"draft_model '{draft}' is not loaded (--draft-model: {loaded})",
+            param="draft_model",
         )
 
 
@@ -327,7 +335,7 @@ def thinking_budget(body: ChatCompletionRequest, max_tokens: int) -> int | None:
 
 
 def prepare_chat(body: ChatCompletionRequest, model: LoadedModel, limits: Limits) -> Prepared:
-    check_generates(model)
+    check_generates(model, body.draft_model)
     messages = messages_to_dicts(body.messages)
     enable_thinking = thinking_switch(body)
     tool_choice = body.tool_choice or ("auto" if body.tools else "none")
@@ -408,7 +416,7 @@ def prepare_completion(
     body: CompletionRequest, model: LoadedModel, limits: Limits
 ) -> list[Prepared]:
     """One `Prepared` per prompt of the request."""
-    check_generates(model)
+    check_generates(model, body.draft_model)
     return [_prepare_prompt(body, model, limits, p) for p in completion_prompts(body)]
 
 

@@ -221,6 +221,10 @@ def server_limits(api: Api) -> dict[str, Callable[[dict], None]]:
         ),
         "seed": lambda node: node.update(minimum=SEED_MIN, maximum=SEED_MAX),
         "llm-model": not_named("llm"),
+        # Only the draft the server was started with (none: only null).
+        "draft-model": lambda node: node.update(
+            enum=sorted({m.drafting.name for m in models if m.drafting is not None}) or [None]
+        ),
         "embeddings-model": not_named("embeddings"),
     }
 

@@ -69,6 +69,12 @@ class SamplingFields(Request):
     """The generation knobs chat, completions and LM Studio share."""
 
     model: str | None = Field(None, json_schema_extra=model_name("llm"))
+    draft_model: str | None = Field(
+        None,
+        description="LM Studio's speculative decoding: the draft the server was started with "
+        "(--draft-model); any other name is a 400. Without it, a server with a draft uses it.",
+        json_schema_extra=lambda schema: schema["anyOf"][0].update({SERVER_LIMIT: "draft-model"}),
+    )
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: integer(-1, INT32_MAX) | None = None
