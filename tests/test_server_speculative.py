@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from openai import OpenAI
 
 from tests.server_process import ROOT, ServerProcess
 
@@ -84,6 +85,27 @@ def test_same_replies_with_drafts(demo_model_dir, tiny_qwen3_dir, plain_replies,
             schema = httpx.get(server.base + "/openapi.json").json()["components"]["schemas"]
             field = schema["ChatCompletionRequest"]["properties"]["draft_model"]
             assert field["anyOf"][0]["enum"] == [str(tiny_qwen3_dir)]
+        # The openai SDK reads the drafts in usage (OpenAI's Predicted Outputs fields).
+        client = OpenAI(base_url=server.v1, api_key="lm-studio", max_retries=0)
+        reply = client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": QUESTIONS[0]}],
+            max_tokens=48,
+            temperature=0,
+        )
+        details = reply.usage.completion_tokens_details
+        assert details.rejected_prediction_tokens > 0
+        assert reply.choices[0].message.content == plain_replies[QUESTIONS[0]][1]
+        stream = client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": QUESTIONS[0]}],
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usage = [c.usage for c in stream if c.usage][-1]
+        assert usage.completion_tokens_details.rejected_prediction_tokens > 0
         with ThreadPoolExecutor(3) as pool:  # together: a batch
             replies = list(pool.map(lambda q: ask(server, q), QUESTIONS))
         assert [message(r) for r in replies] == [plain_replies[q] for q in QUESTIONS]

@@ -145,3 +145,85 @@ def test_a_quantized_cache_is_rewound(stranger, tiny_qwen3_dir):
     plain = generate(model, tokenizer, **request)
     fast = generate(model, tokenizer, prompt_lookup=2, num_draft_tokens=4, **request)
     assert fast.tokens == plain.tokens and fast.stats.rejected_draft_tokens > 0
+
+
+QWEN_VOCAB = 151_936
+
+
+@pytest.fixture(scope="module")
+def random_checkpoints(tmp_path_factory):
+    """Tiny random dense and MoE targets and a dense draft (another seed), all transformers-made,
+    on Qwen's vocabulary."""
+    from convert.qwen_tokenizer import build_qwen3_tokenizer
+    from tests.checkpoints import make_checkpoint
+
+    root = tmp_path_factory.mktemp("speculative")
+    out = {}
+    for name, moe, seed in (("dense", False, 0), ("moe", True, 0), ("draft", False, 1)):
+        path = make_checkpoint(root / name, moe=moe, seed=seed, vocab_size=QWEN_VOCAB)
+        build_qwen3_tokenizer(path)
+        out[name] = load(path)
+    return out
+
+
+@pytest.mark.parametrize("target", ["dense", "moe"])
+def test_random_targets_with_a_dense_draft(random_checkpoints, target):
+    import random
+
+    model, tokenizer = random_checkpoints[target]
+    draft = random_checkpoints["draft"][0]
+    rng = random.Random(target)
+    for _ in range(8):
+        prompt = [rng.randrange(QWEN_VOCAB - 300) for _ in range(rng.randrange(2, 30))]
+        request = dict(prompt=prompt, max_tokens=24, temperature=0)
+        plain = generate(model, tokenizer, **request)
+        for k in (1, 4):
+            fast = generate(model, tokenizer, draft_model=draft, num_draft_tokens=k, **request)
+            assert fast.tokens == plain.tokens
+        # The target drafting for itself: every draft right.
+        itself = generate(model, tokenizer, draft_model=model, num_draft_tokens=4, **request)
+        assert itself.tokens == plain.tokens
+        assert itself.stats.rejected_draft_tokens == 0
+
+
+def test_sampling_keeps_the_model_s_distribution(random_checkpoints):
+    """Chi-square, two samples: 300 sampled 3-token replies with a draft (seeds 300-599) against
+    300 without (seeds 0-299), top_k 3, after a fixed prompt."""
+    from collections import Counter
+
+    model, tokenizer = random_checkpoints["dense"]
+    draft = random_checkpoints["draft"][0]
+    request = dict(prompt=[11, 22, 33, 44], max_tokens=3, temperature=1.0, top_k=3, top_p=1.0)
+    plain = Counter(tuple(generate(model, tokenizer, seed=s, **request).tokens) for s in range(400))
+    drafted = Counter(
+        tuple(
+            generate(
+                model, tokenizer, seed=s, draft_model=draft, num_draft_tokens=2, **request
+            ).tokens
+        )
+        for s in range(300, 600)
+    )
+    # The continuations that occur often enough for the test; the rest pooled.
+    keys = [k for k in plain if plain[k] + drafted[k] >= 10]
+    rows = [[plain[k] for k in keys], [drafted[k] for k in keys]]
+    rows[0].append(300 - sum(rows[0]))
+    rows[1].append(300 - sum(rows[1]))
+    columns = [c for c in zip(*rows, strict=True) if sum(c) > 0]
+    chi2 = sum((observed - sum(c) / 2) ** 2 / (sum(c) / 2) for c in columns for observed in c)
+    p = chi_square_survival(chi2, len(columns) - 1)
+    assert len(columns) >= 3
+    assert p > 1e-3, f"chi-square {chi2:.1f} over {len(columns)} cells: p = {p:.2g}"
+
+
+def chi_square_survival(x: float, df: int) -> float:
+    """P(X >= x) for X ~ chi-square(df): 1 - the regularized lower incomplete gamma (series)."""
+    import math
+
+    a, half = df / 2, x / 2
+    term = total = 1 / a
+    n = 1
+    while term > 1e-12 * total:
+        term *= half / (a + n)
+        total += term
+        n += 1
+    return max(0.0, 1 - math.exp(a * math.log(half) - half - math.lgamma(a)) * total)

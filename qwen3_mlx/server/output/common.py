@@ -68,7 +68,9 @@ def usage_of(finished: Sequence[Finished], leaders: Sequence[int] = (0,)) -> Usa
             cached_tokens=sum(finished[i].cached_tokens for i in leaders)
         ),
         completion_tokens_details=CompletionTokensDetails(
-            reasoning_tokens=sum(f.reasoning_tokens for f in finished)
+            reasoning_tokens=sum(f.reasoning_tokens for f in finished),
+            accepted_prediction_tokens=sum(f.accepted_draft_tokens for f in finished),
+            rejected_prediction_tokens=sum(f.rejected_draft_tokens for f in finished),
         ),
     )
 

@@ -308,6 +308,10 @@ class PromptTokensDetails(Schema):
 
 class CompletionTokensDetails(Schema):
     reasoning_tokens: int = 0
+    # OpenAI's names for drafted tokens the model confirmed or replaced (its Predicted Outputs);
+    # here: speculative decoding's drafts.
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 class Usage(Schema):
