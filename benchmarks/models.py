@@ -62,6 +62,28 @@ PRESETS: dict[str, dict] = {
         intermediate_size=12288,
         tie_word_embeddings=False,
     ),
+    "qwen3-32b": dict(
+        _COMMON,
+        model_type="qwen3",
+        hidden_size=5120,
+        num_hidden_layers=64,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        intermediate_size=25600,
+        tie_word_embeddings=False,
+    ),
+    # A dense draft small enough for a CPU run (the real vocabulary, so any target takes it).
+    "draft-tiny": dict(
+        _COMMON,
+        model_type="qwen3",
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=512,
+        tie_word_embeddings=True,
+    ),
     "qwen3-30b-a3b": dict(
         _COMMON,
         model_type="qwen3_moe",

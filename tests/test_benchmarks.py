@@ -24,3 +24,22 @@ def test_decode_benchmark_writes_a_record_and_a_plot(tmp_path):
     assert runs["ours", 1]["prefill_tok_s"] > 0
     assert runs["ours", 1]["decode_ratio_vs_mlx_lm"] > 0
     assert runs["ours", 2]["decode_ratio_vs_mlx_lm_paired"] > 0
+
+
+def test_speculative_benchmark_controls_acceptance(tmp_path):
+    """Both projects, the same draft cost and the same per-position coin: full acceptance keeps
+    every draft (but the last round's), none keeps none, and the output is plain decoding's."""
+    from benchmarks import speculative
+
+    out = tmp_path / "speculative_tiny"
+    command = "--target draft-tiny --draft draft-tiny --k 3 --acceptance 1,0 --tokens 12 "
+    command += "--prompt 8 --repeats 1 --dtype float32 --out"
+    speculative.main([*command.split(), str(out)])
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    rows = {(r["impl"], r["acceptance"]): r for r in record["rows"]}
+    for impl in ("ours", "mlx-lm"):
+        assert rows[impl, None]["decode_tok_s"] > 0
+        assert rows[impl, 1.0]["measured_acceptance"] > 0.6
+        assert rows[impl, 0.0]["measured_acceptance"] == 0
+        assert rows[impl, 1.0]["same_tokens_as_plain"] and rows[impl, 0.0]["same_tokens_as_plain"]

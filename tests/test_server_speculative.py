@@ -37,11 +37,57 @@ def message(reply: dict) -> tuple:
     return m.get("reasoning_content"), m.get("content"), reply["usage"]["completion_tokens"]
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"location": {"type": "string"}},
+            "required": ["location"],
+        },
+    },
+}
+# Grammar-constrained replies: a JSON schema, and a required tool call (thinking on).
+CONSTRAINED = {
+    "json": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "city",
+                "schema": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    },
+    "tool": {"tools": [WEATHER_TOOL], "tool_choice": "required"},
+}
+
+
+def constrained(server, kind: str) -> dict:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": QUESTIONS[0]}],
+        "max_tokens": 64,
+        "temperature": 0,
+        **CONSTRAINED[kind],
+    }
+    r = httpx.post(server.v1 + "/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    m = r.json()["choices"][0]["message"]
+    return {"content": m.get("content"), "tool_calls": m.get("tool_calls")}
+
+
 @pytest.fixture(scope="module")
 def plain_replies(demo_model_dir):
     server = ServerProcess(["--model", str(demo_model_dir)])
     try:
-        return {q: message(ask(server, q)) for q in QUESTIONS}
+        replies = {q: message(ask(server, q)) for q in QUESTIONS}
+        replies.update({kind: constrained(server, kind) for kind in CONSTRAINED})
+        return replies
     finally:
         server.stop()
 
@@ -85,6 +131,13 @@ def test_same_replies_with_drafts(demo_model_dir, tiny_qwen3_dir, plain_replies,
             schema = httpx.get(server.base + "/openapi.json").json()["components"]["schemas"]
             field = schema["ChatCompletionRequest"]["properties"]["draft_model"]
             assert field["anyOf"][0]["enum"] == [str(tiny_qwen3_dir)]
+        for kind in CONSTRAINED:  # grammar masks apply to every checked row
+            reply = constrained(server, kind)
+            for call in reply["tool_calls"] or []:
+                call.pop("id", None)
+            for call in plain_replies[kind]["tool_calls"] or []:
+                call.pop("id", None)
+            assert reply == plain_replies[kind]
         # The openai SDK reads the drafts in usage (OpenAI's Predicted Outputs fields).
         client = OpenAI(base_url=server.v1, api_key="lm-studio", max_retries=0)
         reply = client.chat.completions.create(

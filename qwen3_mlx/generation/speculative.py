@@ -100,6 +100,8 @@ def drafter_for(
         return PromptLookup(prompt_lookup)
     if draft_model is None:
         return None
+    if hasattr(draft_model, "propose"):  # a drafter of the caller's own (benchmarks/speculative)
+        return draft_model
     if isinstance(draft_model, str | bytes) or hasattr(draft_model, "__fspath__"):
         from ..loading import load
 
