@@ -14,7 +14,8 @@ schemathesis with SCHEMATHESIS_HOOKS), which makes each schema-valid request als
 named `tool_choice`, a function of its `tools` (JSON Schema can't relate the two); ask for no
 more rows than --max-queue (`n` times the prompts: JSON Schema bounds each, not the product);
 and give tools parameters that are valid JSON Schema (the document states the keywords tools
-mostly use, not JSON Schema's whole meta-schema).
+mostly use, not JSON Schema's whole meta-schema). The server's context is made long enough for
+any generated prompt (the prompt fitting the context is said only in words too).
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ def schema_server(demo_model_dir, tmp_path_factory):
             str(MAX_TOKENS),
             "--max-queue",
             str(MAX_QUEUE),
+            # Generated tools and messages can render to thousands of prompt tokens; that a
+            # prompt must fit the context is a rule the document states only in words.
+            "--context-length",
+            "65536",
         ]
     )
     yield server

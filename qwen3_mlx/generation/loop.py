@@ -57,6 +57,18 @@ class GenerationStats:
     total_draft_tokens: int = 0
     accepted_draft_tokens: int = 0
     rejected_draft_tokens: int = 0
+    _first_token_at: float | None = field(default=None, repr=False, compare=False)
+
+    def record(self, out: Any, generated: int, start_time: float) -> None:
+        """After each token: the first one's time, the decode time since, memory, finish."""
+        now = time.perf_counter()
+        if self._first_token_at is None:
+            self._first_token_at = now
+            self.prompt_time = self.time_to_first_token = now - start_time
+        self.generation_tokens = generated
+        self.generation_time = now - self._first_token_at
+        self.peak_memory = mx.get_peak_memory() / 1e9
+        self.finish_reason = out.finish_reason
 
     @property
     def prompt_tps(self) -> float:
@@ -95,6 +107,20 @@ class GenerationResponse:
     logprobs: TokenLogprob | None = None
     finish_reason: str | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
+
+    @classmethod
+    def of(cls, out: Any, stats: GenerationStats) -> GenerationResponse:
+        """The response for a step's SequenceOutput."""
+        return cls(
+            text=out.text,
+            token=out.token,
+            reasoning=out.reasoning,
+            content=out.content,
+            tool_calls=out.tool_calls,
+            logprobs=out.logprobs,
+            finish_reason=out.finish_reason,
+            stats=stats,
+        )
 
     # mlx-lm's field names
     @property
@@ -167,7 +193,6 @@ def stream_sequence(
     with wired_limit(), mx.stream(generation_stream):
         sampled = queue(prefill(model, seq.prompt_tokens[reused:], layers, prefill_step_size))
         known_tokens.extend(seq.prompt_tokens[reused:])
-        first_token_time = None
         while True:
             fed = step.feed(sampled.tokens)
             # Queue the step that consumes this token before reading it: the device stays busy.
@@ -180,25 +205,8 @@ def stream_sequence(
             if ahead or not seq.finished:
                 known_tokens.append(out.token)  # fed to the model: the cache holds its K/V
 
-            now = time.perf_counter()
-            if first_token_time is None:
-                first_token_time = now
-                stats.prompt_time = now - start_time
-                stats.time_to_first_token = now - start_time
-            stats.generation_tokens = len(seq.tokens)
-            stats.generation_time = now - first_token_time
-            stats.peak_memory = mx.get_peak_memory() / 1e9
-            stats.finish_reason = out.finish_reason
-            yield GenerationResponse(
-                text=out.text,
-                token=out.token,
-                reasoning=out.reasoning,
-                content=out.content,
-                tool_calls=out.tool_calls,
-                logprobs=out.logprobs,
-                finish_reason=out.finish_reason,
-                stats=stats,
-            )
+            stats.record(out, len(seq.tokens), start_time)
+            yield GenerationResponse.of(out, stats)
             if seq.finished:
                 break
             if len(seq.tokens) % 256 == 0:

@@ -144,7 +144,6 @@ def speculative_sequence(
     )
     step = SamplingStep([seq])
     history = list(seq.prompt_tokens)
-    first_token_time = None
     with wired_limit(), mx.stream(generation_stream):
         rows = prefill(model, seq.prompt_tokens[reused:], layers, prefill_step_size)
         known.extend(seq.prompt_tokens[reused:])
@@ -154,24 +153,8 @@ def speculative_sequence(
             for out in check_drafts(step, rows, drafts):
                 outputs.append(out)
                 history.append(out.token)
-                now = time.perf_counter()
-                if first_token_time is None:
-                    first_token_time = now
-                    stats.prompt_time = stats.time_to_first_token = now - start_time
-                stats.generation_tokens = len(seq.tokens)
-                stats.generation_time = now - first_token_time
-                stats.peak_memory = mx.get_peak_memory() / 1e9
-                stats.finish_reason = out.finish_reason
-                yield GenerationResponse(
-                    text=out.text,
-                    token=out.token,
-                    reasoning=out.reasoning,
-                    content=out.content,
-                    tool_calls=out.tool_calls,
-                    logprobs=out.logprobs,
-                    finish_reason=out.finish_reason,
-                    stats=stats,
-                )
+                stats.record(out, len(seq.tokens), start_time)
+                yield GenerationResponse.of(out, stats)
             if seq.finished:
                 return
             # The cache holds the input and every draft; keep the input and the accepted ones.
@@ -194,6 +177,18 @@ def check_drafts(step: SamplingStep, rows: mx.array, drafts: list[int]) -> Itera
     (that row's own token ends the round), after the last row, or when the sequence finishes.
     Every yielded output but the last confirmed its draft."""
     (seq,) = step.sequences
+    if _plain_greedy(step, seq):
+        # Nothing the step does depends on the tokens before (no penalty, mask, bias, sampling
+        # or logprobs): every row's token is its argmax, read back at once. A forced token (the
+        # thinking budget) still replaces the argmax, as `SamplingStep.feed` would.
+        chosen = mx.argmax(rows, axis=-1).tolist()
+        for i, token in enumerate(chosen):
+            forced = seq.forced_token
+            out = seq.append(token if forced is None else forced)
+            yield out
+            if seq.finished or i == len(drafts) or out.token != drafts[i]:
+                return
+        return
     for i in range(rows.shape[0]):
         sampled = step(rows[i : i + 1])
         fed = step.feed(sampled.tokens)
@@ -201,6 +196,18 @@ def check_drafts(step: SamplingStep, rows: mx.array, drafts: list[int]) -> Itera
         yield out
         if seq.finished or i == len(drafts) or out.token != drafts[i]:
             return
+
+
+def _plain_greedy(step: SamplingStep, seq: Sequence) -> bool:
+    params = seq.params
+    return (
+        step.sampler.all_greedy
+        and not step.penalized
+        and step.bias is None
+        and not step.constrained
+        and step.top_n < 0
+        and not params.logit_bias
+    )
 
 
 def verify_rows(model: Any, layers: list[Any], tokens: list[int]) -> mx.array:
