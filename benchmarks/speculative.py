@@ -7,8 +7,10 @@ Random weights make a draft's acceptance random (near zero), so it is controlled
 run the real draft model (its cost), but what it proposes at position j is the target's own
 greedy token there (from a plain run first) when a fixed per-position coin with probability
 `acceptance` says so, otherwise another token. The coin is the same for both projects, so they
-see the same acceptance. Per acceptance: decode tok/s (after the first token) of plain decoding
-and of speculative decoding for this project and for mlx-lm (`speculative_generate_step`), the
+see the same acceptance. Per acceptance: tok/s from the call to the last token, of plain
+decoding and of speculative decoding, for this project and for mlx-lm
+(`speculative_generate_step`; it yields its first token only after a first round, so timing from
+the first token would leave a round out; the prompt's prefill is the same work for both), the
 acceptance measured, and the speed-up; the break-even acceptance is where speculation starts to
 win. Greedy; the end-of-text ids are banned in this project's runs so every run decodes
 --tokens tokens (mlx-lm's step does not stop at them). Writes <out>.json and <out>.png.
@@ -93,32 +95,34 @@ def ours(target, tokenizer, prompt: list[int], tokens: int, drafter=None, k: int
     if drafter is not None:
         kwargs.update(draft_model=drafter, num_draft_tokens=k)
     out, response = [], None
+    start = time.perf_counter()
     for response in stream_generate(target, tokenizer, **kwargs):
         out.append(response.token)
+    seconds = time.perf_counter() - start
     s = response.stats
     rate = s.accepted_draft_tokens / s.total_draft_tokens if s.total_draft_tokens else None
-    return out, s.generation_tps, rate
+    return out, len(out) / seconds, rate
 
 
 def theirs(target, prompt: list[int], tokens: int, draft=None, k: int = 4):
     from mlx_lm.generate import generate_step, speculative_generate_step
 
     prompt = mx.array(prompt)
+    start = time.perf_counter()
     if draft is None:
         steps = generate_step(prompt, target, max_tokens=tokens)
     else:
         steps = speculative_generate_step(
             prompt, target, draft, num_draft_tokens=k, max_tokens=tokens
         )
-    out, drafted, first = [], 0, None
+    out, drafted = [], 0
     for item in steps:
         token = item[0]
         out.append(int(token.item() if hasattr(token, "item") else token))
         drafted += bool(item[2]) if len(item) > 2 else 0
-        first = first or time.perf_counter()
-    seconds = time.perf_counter() - first
+    seconds = time.perf_counter() - start
     rate = drafted / (len(out) - 1) if draft is not None else None  # tokens from the draft
-    return out, (len(out) - 1) / seconds, rate
+    return out, len(out) / seconds, rate
 
 
 def main(argv: list[str] | None = None) -> int:
