@@ -122,9 +122,11 @@ def speculative_sequence(
     """`stream_sequence`'s output (see the module docstring), fewer model passes."""
     from .loop import GenerationResponse, GenerationStats
 
-    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
-        raise GenerationError(f"num_draft_tokens: an integer >= 1, got {num_draft_tokens!r}")
-    if num_draft_tokens < 1:
+    if (
+        isinstance(num_draft_tokens, bool)
+        or not isinstance(num_draft_tokens, int)
+        or num_draft_tokens < 1
+    ):
         raise GenerationError(f"num_draft_tokens: an integer >= 1, got {num_draft_tokens!r}")
     start_time = start_time or time.perf_counter()
     if cache is None:
