@@ -116,13 +116,16 @@ def extra(message, name):
     return (message.model_extra or {}).get(name)
 
 
-def stream_reply(api: OpenAI, record: dict, out: dict, key: str) -> None:
+def stream_reply(
+    api: OpenAI, record: dict, out: dict, key: str, started: threading.Event | None = None
+) -> None:
     try:
         with api.chat.completions.stream(
             model="demo", messages=record["messages"], **GREEDY
         ) as stream:
-            for _ in stream:
-                pass
+            for event in stream:
+                if started is not None and event.type == "content.delta":
+                    started.set()
             final = stream.get_final_completion()
         out[key] = (extra(final.choices[0].message, "reasoning_content"), final.choices[0].message)
     except Exception as e:  # asserted in the test
@@ -138,15 +141,26 @@ def check_replies(server: LaunchedServer, conv: dict) -> None:
     assert extra(reply.choices[0].message, "reasoning_content") == hello["reasoning"]
     assert reply.choices[0].finish_reason == "stop"
 
+    # The second prompt arrives while the first row decodes, so its prefill runs beside that
+    # row's steps (the ranks must agree on every turn's choice between the two).
     out: dict = {}
     names = ("capital", "multi_turn")
-    threads = [threading.Thread(target=stream_reply, args=(api, conv[n], out, n)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
+    decoding = threading.Event()
+    first = threading.Thread(
+        target=stream_reply, args=(api, conv[names[0]], out, names[0], decoding)
+    )
+    second = threading.Thread(target=stream_reply, args=(api, conv[names[1]], out, names[1]))
+    first.start()
+    decoding.wait(60)
+    second.start()
+    for t in (first, second):
         t.join(120)
     for name in names:
-        assert not isinstance(out.get(name), Exception | None), (name, out.get(name))
+        assert not isinstance(out.get(name), Exception | None), (
+            name,
+            out.get(name),
+            server.output(),
+        )
         reasoning, message = out[name]
         assert message.content == conv[name]["content"], name
         assert reasoning == conv[name]["reasoning"], name

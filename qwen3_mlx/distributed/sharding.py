@@ -138,7 +138,8 @@ class PipelineBody(Qwen3Model):
         if stage.is_first:
             h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
         else:
-            shape = (*inputs.shape[:2], layers[0].input_layernorm.weight.shape[0])
+            given = inputs if inputs is not None else input_embeddings  # its shape only
+            shape = (*given.shape[:2], layers[0].input_layernorm.weight.shape[0])
             h = mx.distributed.recv(shape, dtype, stage.rank + 1, group=stage.group)
         cache = cache or [None] * len(layers)
         mask = create_attention_mask(h, cache[0])
@@ -154,6 +155,9 @@ class PipelineBody(Qwen3Model):
 def _tie_cache(cache: Any, h: mx.array) -> None:
     """Make the cache depend on the send: prefill evaluates only the caches, and the next stage
     waits for this send."""
+    depend_on = getattr(cache, "depend_on", None)  # the server's slots hold their arrays apart
+    if depend_on is not None:
+        return depend_on(h)
     keys = getattr(cache, "keys", None)
     if isinstance(keys, mx.array):
         cache.keys = mx.depends(keys, h)

@@ -100,7 +100,13 @@ class Batch:
         source = [where.get(s, 0) for s in range(slots.size)]
         if source != list(range(slots.size)):
             inputs = mx.take(inputs, mx.array(source))
-        hidden = embed_rows(model.model.embed_tokens, inputs[:, None].astype(mx.int32))
+        stage = getattr(model.model, "stage", None)
+        if stage is not None and not stage.is_first:
+            # A later pipeline stage receives its input (free slots already zero) and may hold
+            # no embedding: the placeholder gives only the shape.
+            hidden = mx.zeros((slots.size, 1, 1))
+        else:
+            hidden = embed_rows(model.model.embed_tokens, inputs[:, None].astype(mx.int32))
         if len(where) < slots.size:  # free slots decode zeros (slots.py says why that is free)
             live = mx.array([s in where for s in range(slots.size)], dtype=hidden.dtype)
             hidden = hidden * live[:, None, None]

@@ -65,7 +65,12 @@ class PrefillLoop:
         planned = sum(len(r.request.prompt) - 1 - r.prefilled for r in self._prefilling)
         # A prompt's later chunks attend to more keys: each costs a little more than the last.
         expected = GROWTH * self._prefill_seconds_per_token * min(planned, self.prefill_step)
-        if running and self._decode_credit < _DECODE_PER_PREFILL * expected:
+        go = not running or self._decode_credit >= _DECODE_PER_PREFILL * expected
+        if self._sync is not None:
+            # Timings differ between ranks: rank 0's decision is every rank's, or their
+            # collectives would pair a prefill chunk on one rank with a decode step on another.
+            go = self._sync.share(go)
+        if not go:
             return
         started = time.perf_counter()
         tokens = self._prefill_chunk()

@@ -104,6 +104,10 @@ class SlotLayer:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.state)
 
+    def depend_on(self, h: mx.array) -> None:
+        """Evaluating this layer runs `h` too (a pipeline stage's send; see distributed)."""
+        self._map(lambda p: mx.depends(p, h))
+
     def _map(self, fn) -> None:
         self.key_parts = tuple(fn(p) for p in self.key_parts)
         self.value_parts = tuple(fn(p) for p in self.value_parts)
