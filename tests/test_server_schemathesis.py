@@ -53,11 +53,12 @@ def before_call(ctx, case, kwargs) -> None:
                 choice["name"] = name
     for tool in tools if isinstance(tools, list) else ():
         holder = tool.get("function", tool) if isinstance(tool, dict) else None
-        if isinstance(holder, dict) and isinstance(holder.get("parameters"), dict):
-            try:
-                tool_parameters(holder["parameters"])
-            except ValueError:  # valid JSON Schema: the document says so, but doesn't spell it
-                holder["parameters"] = {"type": "object"}
+        for key in ("parameters", "input_schema"):  # Anthropic's tools: `input_schema`
+            if isinstance(holder, dict) and isinstance(holder.get(key), dict):
+                try:
+                    tool_parameters(holder[key])
+                except ValueError:  # valid JSON Schema: the document says so, doesn't spell it
+                    holder[key] = {"type": "object"}
     prompt, n = body.get("prompt"), body.get("n", 1)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if isinstance(n, int | float) and len(prompt) * n > MAX_QUEUE:
@@ -179,10 +180,11 @@ def test_openapi_documents_the_server_limits(schema_server):
             assert {"401", "403", "413"} <= set(responses), (method, path)
             if method == "post":
                 assert {"400", "404"} <= set(responses), (method, path)
+                error = "AnthropicErrorResponse" if "/messages" in path else "ErrorResponse"
                 assert responses["400"]["content"]["application/json"]["schema"] == {
-                    "$ref": "#/components/schemas/ErrorResponse"
+                    "$ref": f"#/components/schemas/{error}"
                 }
-            if path.endswith(("/chat/completions", "/completions", "/responses")):
+            if path.endswith(("/chat/completions", "/completions", "/responses", "/messages")):
                 assert "text/event-stream" in responses["200"]["content"], path
 
 

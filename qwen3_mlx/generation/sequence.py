@@ -97,6 +97,7 @@ class Sequence:
 
         self.stop_ids = set(tokenizer.eos_token_ids) | set(params.stop_token_ids or [])
         self.stops = list(params.stop or [])
+        self.stop_string: str | None = None  # the stop string that ended the sequence
         self._held = ""  # text that might be the start of a stop string
         self._detokenizer = tokenizer.detokenizer(skip_special_tokens=True)
         self._text: list[str] = []
@@ -290,9 +291,11 @@ class Sequence:
         if not self.stops:
             return delta, False
         text, self._held = self._held + delta, ""
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if hits:
-            return text[: min(hits)], True
+            # The earliest match ends the text; Anthropic's API reports which string it was.
+            at, self.stop_string = min(hits, key=lambda hit: hit[0])
+            return text[:at], True
         if final:
             return text, False
         hold = max(_overlap(text, s) for s in self.stops)

@@ -1,9 +1,11 @@
-"""The FastAPI app: OpenAI's `/v1` API and LM Studio's `/api/v0` over the engine.
+"""The FastAPI app: OpenAI's `/v1` API, LM Studio's `/api/v0` and Anthropic's `/v1/messages`
+over the engine.
 
 Here: the app's settings, its error handlers (every error leaves as `{"error": {...}}`; client
 mistakes are 4xx, a full queue is 503, and only a bug in this package is a 500), the middleware
 (Host, paths, CORS, API key, body size: guard.py) and /health. The operations and the table that
-serves them under both prefixes are in routes.py; a request's rows run through rows.py.
+serves them under both prefixes are in routes.py, Anthropic's Messages API in routes_anthropic.py
+(whose errors leave in Anthropic's shape); a request's rows run through rows.py.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .guard import (
 from .models import ModelNotFound, ModelRegistry
 from .prepare import ApiError
 from .routes import Api, register
+from .routes_anthropic import AnthropicErrors, register_anthropic
 
 log = logging.getLogger("qwen3_mlx.server")
 
@@ -152,8 +155,12 @@ def create_app(
     app.add_middleware(PathNormalizer)
     if settings.bind_host is not None:
         app.add_middleware(HostGuard, policy=HostPolicy(settings.bind_host, settings.allowed_hosts))
+    # Outermost: every error on Anthropic's paths, the guards' too, leaves in Anthropic's shape.
+    app.add_middleware(AnthropicErrors)
 
-    register(app, Api(registry, engine, settings))
+    api = Api(registry, engine, settings)
+    register(app, api)
+    register_anthropic(app, api)
 
     # -- health -----------------------------------------------------------------------------
 

@@ -389,6 +389,7 @@ class Engine(PrefillLoop, DecodeLoop):
             accepted_draft_tokens=row.accepted,
             rejected_draft_tokens=row.rejected,
             draft_model=row.request.model.drafting.name if row.drafter is not None else None,
+            stop_string=seq.stop_string,
         )
 
     def _finish_cancelled(self, request: GenerationRequest, row: Row | None = None) -> None:

@@ -42,6 +42,7 @@ class Finished:
     accepted_draft_tokens: int = 0
     rejected_draft_tokens: int = 0
     draft_model: str | None = None
+    stop_string: str | None = None  # the `stop` string that ended the row, if one did
 
 
 @dataclass

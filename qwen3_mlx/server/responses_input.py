@@ -105,10 +105,10 @@ def responses_to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(chat)
     except ValueError as e:
-        raise ApiError(400, _first_error(e), param="input") from None
+        raise ApiError(400, first_error(e), param="input") from None
 
 
-def _first_error(e: Exception) -> str:
+def first_error(e: Exception) -> str:
     errors = getattr(e, "errors", None)
     if callable(errors):
         first = errors()[0]

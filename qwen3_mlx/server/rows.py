@@ -29,6 +29,13 @@ from .prepare import ApiError
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def openai_error_event(e: ApiError | EngineBusy) -> str:
+    """An error after a stream began, as OpenAI's clients read it: an event holding the error."""
+    if isinstance(e, EngineBusy):
+        return sse(error_body(str(e), type="server_overloaded", code="queue_full"))
+    return sse(error_body(e.message, type=e.type))
+
+
 class RowChannel:
     """One row's side of the request's event queue: events are tagged with the row's index."""
 
@@ -120,8 +127,10 @@ class Rows:
         on_output: Callable[[int, object], list[str]],
         on_finish: Callable[[int, Finished], list[str]],
         on_end: Callable[[list[Finished]], list[str]],
+        error_event: Callable[[ApiError | EngineBusy], str] = openai_error_event,
     ) -> StreamingResponse:
-        """SSE: `head`, then each event's lines, then (all rows finished) `on_end`'s."""
+        """SSE: `head`, then each event's lines, then (all rows finished) `on_end`'s; an error
+        once the stream began (the status is sent) becomes the API's `error_event`."""
 
         async def body():
             for line in head:
@@ -139,10 +148,8 @@ class Rows:
                 if len(finished) == len(self.requests):
                     for line in on_end([finished[i] for i in range(len(self.requests))]):
                         yield line
-            except ApiError as e:
-                yield sse(error_body(e.message, type=e.type))
-            except EngineBusy as e:
-                yield sse(error_body(str(e), type="server_overloaded", code="queue_full"))
+            except (ApiError, EngineBusy) as e:
+                yield error_event(e)
 
         # Runs after the response ends, also when Starlette cancels it because the client left:
         # the slots are freed even if the generator above is never resumed.
