@@ -17,9 +17,10 @@ host's time (`host_ms_per_step`: building the step's graph and handing it to the
 when it equals `step_ms`, the device waits on the host) and the building part alone
 (`build_ms_per_step`).
 
-Variants of this project: `ours` (defaults), `ours:kernels=0` (reference ops),
-`ours:compile=0` (uncompiled decode step), `ours:router=0` (reference routing, expert kernels
-on), combinable as `ours:kernels=0:compile=0`.
+Variants of this project: `ours` (defaults: kernels "auto", compiled decode), `ours:kernels=0`
+(reference ops; `kernels=1` forces every kernel), `ours:compile=0` (uncompiled decode step),
+`ours:router=0` (reference routing, expert kernels on), combinable as
+`ours:kernels=0:compile=0`; each is applied to the model with `Model.use_kernels`.
 Writes <out>.json and <out>.png (with the command line and MLX version).
 """
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -38,23 +38,41 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
+from qwen3_mlx.kernels import KernelOptions, plan_for
+from qwen3_mlx.model import compile_mode
+
 from .models import PRESETS, build
 
 RESULTS = Path(__file__).with_name("results")
 
 
-def set_variant(variant: str) -> None:
-    """Apply `ours:kernels=0:compile=0`-style switches through the environment."""
-    switches = {
-        "kernels": "QWEN3_MLX_KERNELS",
-        "compile": "QWEN3_MLX_COMPILE",
-        "router": "QWEN3_MLX_ROUTER_KERNEL",
-    }
-    for name in switches.values():
-        os.environ.pop(name, None)
+def variant_switches(variant: str) -> tuple[KernelOptions, str]:
+    """`ours:kernels=0:compile=0:router=0` → (the kernel options, the compile switch); every
+    switch a variant leaves out has its default (the environment's switches are not read)."""
+    fields: dict = {}
+    compile_value = "1"
     for option in variant.split(":")[1:]:
         key, _, value = option.partition("=")
-        os.environ[switches[key]] = value
+        if key == "kernels":
+            fields["kernels"] = value
+        elif key == "router":
+            if value not in ("0", "1", "auto"):
+                raise ValueError(f"{variant}: router={value!r}, expected 0, 1 or auto")
+            fields["router"] = value != "0"
+        elif key == "compile":
+            compile_value = value
+        else:
+            raise ValueError(f"{variant}: unknown switch {key!r} (kernels, compile, router)")
+    return KernelOptions(**fields), compile_mode(compile_value)
+
+
+def set_variant(model, variant: str) -> None:
+    """Give the model the variant's kernels and compile switch (its compiled steps are kept
+    when neither changes, as for one variant timed round after round)."""
+    options, compile_value = variant_switches(variant)
+    plan = plan_for(options)
+    if plan != model.kernel_plan or compile_value != model.model.compile_mode:
+        model.use_kernels(plan, compile=compile_value)
 
 
 def greedy(logits: mx.array) -> mx.array:
@@ -247,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [int(p) for p in args.prompt.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     variants = args.impl.split(",")
+    for variant in variants:  # a mistyped switch stops here, before any model is built
+        if variant != "mlx-lm":
+            variant_switches(variant)
     projects = sorted({"mlx-lm" if v == "mlx-lm" else "ours" for v in variants})
     config = PRESETS[args.preset]
     gpu = mx.default_device().type == mx.DeviceType.gpu
@@ -289,10 +310,11 @@ def main(argv: list[str] | None = None) -> dict:
                 for variant in variants:
                     if variant in failed:
                         continue
-                    set_variant(variant)
                     model = models["mlx-lm" if variant == "mlx-lm" else "ours"]
                     gen = args.gen if repeat else min(args.gen, 16)
                     try:
+                        if variant != "mlx-lm":
+                            set_variant(model, variant)
                         result = run_config(model, config["vocab_size"], batch, prompt, gen)
                     except Exception as exc:  # keep the other configurations' numbers
                         failed[variant] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -319,7 +341,6 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                 runs.append(row)
                 print(json.dumps(row), flush=True)
-    set_variant("ours")
     for row in runs:
         base = [
             r

@@ -18,6 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from qwen3_mlx import kernels
+from qwen3_mlx.errors import ConfigError
+from qwen3_mlx.kernels import OFF, KernelOptions, KernelPlan
 from qwen3_mlx.moe import SparseMoeBlock
 
 from .models import PRESETS
@@ -66,13 +68,23 @@ def make_blocks(config: dict, n: int, bits: int, group_size: int) -> list[Sparse
     return blocks
 
 
-def moe_chain(blocks, layers: int, mode: str):
+def set_moe_plan(block: SparseMoeBlock, plan: KernelPlan) -> None:
+    """The block's router and its experts run `plan` (a model hands its plan to both)."""
+    block.kernel_plan = block.switch_mlp.kernel_plan = plan
+
+
+def moe_plan(mode: str) -> KernelPlan:
+    """The MoE kernels forced on ("1": a ConfigError without Metal/CUDA) or off ("0")."""
+    return kernels.plan_for(KernelOptions(kernels="0", moe=mode))
+
+
+def moe_chain(blocks, layers: int, plan: KernelPlan):
     """x → x + moe(x) over `layers` layers, cycling through `blocks`."""
 
     def run(x):
         for i in range(layers):
             block = blocks[i % len(blocks)]
-            block.kernels = block.switch_mlp.kernels = mode
+            set_moe_plan(block, plan)  # the blocks are shared by both plans' chains
             x = block(x, residual=x)
         return x
 
@@ -111,7 +123,12 @@ def main(argv=None):
         for tokens in (1, 8):
             x = mx.random.normal((tokens, 1, dims)).astype(mx.bfloat16)
             for mode in ("0", "1"):
-                chain = moe_chain(blocks, L, mode)
+                try:
+                    plan = moe_plan(mode)
+                except ConfigError as exc:  # forced on without Metal/CUDA
+                    record(f"moe T={tokens} kernels={mode}", exc)
+                    continue
+                chain = moe_chain(blocks, L, plan)
                 record(f"moe T={tokens} kernels={mode} eager", timed(lambda c=chain, x=x: c(x)))
                 compiled = mx.compile(chain)
                 record(
@@ -122,7 +139,7 @@ def main(argv=None):
     if "parts" in sections:
         x = mx.random.normal((1, dims)).astype(mx.bfloat16)
         block = blocks[0]
-        block.kernels = "0"
+        set_moe_plan(block, OFF)  # the reference ops; the kernels are called directly below
         idx, sc = block.route(x)
         mx.eval(idx, sc)
         sw = block.switch_mlp
@@ -144,7 +161,6 @@ def main(argv=None):
             record(f"part {name} x{L}", timed(lambda fn=fn: [fn() for _ in range(L)]))
             cf = mx.compile(lambda fn=fn: [fn() for _ in range(L)])
             record(f"part {name} x{L} compiled", timed(cf))
-        block.kernels = "1"
         for name, fn in {
             "router kernel": lambda: kernels.moe_router(x, block.gate, block.top_k, True),
             "experts kernels (up+down)": lambda: kernels.moe_experts(sw, x, idx, sc),
@@ -181,7 +197,7 @@ def main(argv=None):
         tokens = 2048
         x = mx.random.normal((1, tokens, dims)).astype(mx.bfloat16)
         block = blocks[0]
-        block.kernels = block.switch_mlp.kernels = "0"
+        set_moe_plan(block, OFF)
         idx, sc = block.route(x)
         mx.eval(idx, sc)
         sw = block.switch_mlp

@@ -31,10 +31,11 @@ from .models import PRESETS, build
 
 
 def profile(args) -> None:
-    set_variant(args.impl)
     project = "mlx-lm" if args.impl == "mlx-lm" else "ours"
     models, _ = build(args.preset, args.bits, args.group_size, impls=[project])
     model = models[project]
+    if project == "ours":
+        set_variant(model, args.impl)
     cache = make_prompt_cache(model)
     fill_cache(cache, args.batch, args.prompt, model)
     token = mx.random.randint(0, PRESETS[args.preset]["vocab_size"], (args.batch,))
@@ -91,7 +92,9 @@ def summarize(path: str, steps: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-30b-a3b")
-    parser.add_argument("--impl", default="ours", help="ours[:kernels=0][:compile=0] or mlx-lm")
+    parser.add_argument(
+        "--impl", default="ours", help="ours[:kernels=0][:compile=0][:router=0] or mlx-lm"
+    )
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)

@@ -5,17 +5,17 @@ and whole decode steps of a model preset under each setting (section `step`).
 
 Each measurement launches the kernel on `--distinct` different random weights (so the L2
 cache does not hold them, as in a real step), `--launches` times in one evaluation, and
-reports the median time per launch. The launch shapes are module constants of
-qwen3_mlx.kernels, set here for the duration of one measurement; the winners go back into
-kernels.py by hand, with the figures that chose them.
+reports the median time per launch. The launch shapes are constants of
+qwen3_mlx.kernels.tuning (read at launch time), set here for the duration of one measurement;
+the winners go back into tuning.py by hand, with the figures that chose them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from qwen3_mlx import kernels
+from qwen3_mlx.kernels import KernelOptions, tuning
 
 # (name, in_dims, out_dims): the output projection of Qwen3-30B-A3B, and Qwen3-8B's output and
 # down projections
@@ -88,44 +89,38 @@ class _QuantizedStack(nn.Module):
 
 
 def sweep(constants: dict[str, list[int]]):
-    """Every combination of the given kernels.py constants, each as a dict."""
+    """Every combination of the given tuning constants, each as a dict."""
     names = list(constants)
     for values in itertools.product(*(constants[n] for n in names)):
         yield dict(zip(names, values, strict=True))
 
 
 def _owner(name: str):
-    """(object, attribute) a setting names: a kernels.py constant, or "KVCache.step"."""
+    """(object, attribute) a setting names: a constant of kernels.tuning, or "KVCache.step"."""
     if name == "KVCache.step":
         from mlx_lm.models.cache import KVCache
 
         return KVCache, "step"
-    return kernels, name
+    if not hasattr(tuning, name):  # setattr would add it, and nothing would read it
+        raise KeyError(f"{name}: not a constant of qwen3_mlx.kernels.tuning")
+    return tuning, name
 
 
 def with_constants(settings: dict, fn):
-    """fn() with kernels.py constants (and QWEN3_MLX_* environment switches) set."""
-    env = {k: v for k, v in settings.items() if k.startswith("QWEN3_MLX_")}
-    constants = {k: v for k, v in settings.items() if k not in env}
-    saved = {name: getattr(*_owner(name)) for name in constants}
-    saved_env = {name: os.environ.get(name) for name in env}
-    for name, value in constants.items():
+    """fn() with the settings' tuning constants (and KVCache.step) set."""
+    saved = {name: getattr(*_owner(name)) for name in settings}
+    for name, value in settings.items():
         setattr(*_owner(name), value)
-    os.environ.update(env)
     try:
         return fn()
     finally:
         for name, value in saved.items():
             setattr(*_owner(name), value)
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
-# Whole-step variants: kernels.py constants (or QWEN3_MLX_* environment switches) to set;
-# empty: as committed.
+# Whole-step variants: tuning constants to set, and under "options" KernelOptions fields that
+# differ from the environment's switches (the model's plan for the variant); empty: as
+# committed.
 STEP_VARIANTS = {
     "default": {},
     "o MT=1": {"LINEAR_TOKENS": 1},
@@ -135,7 +130,7 @@ STEP_VARIANTS = {
     "head qmm": {"LOGITS_MAX_TOKENS": 1},
     "down rows 4": {"DOWN_ROWS": 4},
     "gate_up PG=1": {"GATE_UP_PAIRS": 1},
-    "router ref": {"QWEN3_MLX_ROUTER_KERNEL": "0"},
+    "router ref": {"options": {"router": False}},
     "router split 1": {"ROUTER_SPLIT": 1},
     "router split 4": {"ROUTER_SPLIT": 4},
     "prologue split 1": {"PROLOGUE_SPLIT": 1},
@@ -146,15 +141,20 @@ STEP_VARIANTS = {
     # multiple of 256 (mlx-lm's growth step) and its own vector kernel otherwise.
     "cache step 257": {"KVCache.step": 257},
     # The decode attention kernel: off, and its launch shape.
-    "sdpa attention": {"QWEN3_MLX_ATTENTION_KERNEL": "0"},
+    "sdpa attention": {"options": {"attention": False}},
     "attn heads 4": {"ATTENTION_HEADS": 4},
     "attn threads 128": {"ATTENTION_THREADS": 128},
     "attn splits 16": {"ATTENTION_MAX_SPLITS": 16},
     "attn keys 16": {"ATTENTION_SPLIT_KEYS": 16},
     "attn from 1": {"ATTENTION_MIN_KEYS": 1},
-    # Kernel sources handed to MLX without comments (less text rebuilt and hashed per call).
-    "no comments": {"KERNEL_COMMENTS": False},
 }
+
+
+def variant_plan(settings: dict):
+    """The kernel plan of a whole-step variant: the environment's switches, with the
+    variant's "options" over them."""
+    options = dataclasses.replace(KernelOptions.from_env(), **settings.get("options", {}))
+    return kernels.plan_for(options)
 
 
 def step_section(args, record):
@@ -166,8 +166,18 @@ def step_section(args, record):
     models, _ = build(args.preset, 4, 64, impls=["ours"])
     model = models["ours"]
     vocab = PRESETS[args.preset]["vocab_size"]
+    variants = args.variants.split(";")
+    for name in variants:  # a mistyped variant stops here, before any timing
+        for setting in STEP_VARIANTS[name]:
+            if setting != "options":
+                _owner(setting)
     for batch in (int(b) for b in args.batch.split(",")):
-        for name in args.variants.split(";"):
+        for name in variants:
+            settings = dict(STEP_VARIANTS[name])
+            # Decided outside the constants (a check would run with the committed shapes);
+            # use_kernels forgets the compiled steps, run() does again under the constants.
+            model.use_kernels(variant_plan(settings))
+            settings.pop("options", None)
 
             def run(batch=batch):
                 model.model.reset_compiled()
@@ -178,11 +188,11 @@ def step_section(args, record):
                 times = decode(model, token, cache, args.steps)
                 return [t / args.steps for t in times]
 
-            step, host, build = with_constants(STEP_VARIANTS[name], run)
+            step, host, build = with_constants(settings, run)
             record(kernel="step", preset=args.preset, batch=batch, variant=name,
                    step_ms=step * 1e3, host_ms=host * 1e3, build_ms=build * 1e3,
                    tok_s=batch / step)  # fmt: skip
-    model.model.reset_compiled()
+    model.use_kernels(variant_plan({}))
 
 
 def main(argv=None):

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
         ("qwen3_mlx.server.__main__", "qwen3_mlx.server"),
         "run the LM Studio-compatible server",
     ),
+    "kernels": (("qwen3_mlx.kernels.__main__",), "check the fused GPU kernels on this machine"),
     # benchmarks/ lives beside the package in a source checkout (it is not installed).
     "bench": (("benchmarks.decode",), "decode/prefill speed next to mlx-lm (from a checkout)"),
 }

@@ -37,13 +37,13 @@ from .convert_plan import (
     output_dtype_name,
     read_source_headers,
 )
-from .convert_stream import DELAY_ENV, ShardWriter, convert_tensors
+from .convert_stream import ShardWriter, convert_tensors
 from .errors import ConvertError, Qwen3MLXError
 from .hub import MODEL_PATTERNS, resolve_model_path
 from .model import Model
 
-# What other code imports from here (tests import DELAY_ENV; the CLIs call main).
-__all__ = ["DEFAULT_MAX_SHARD_SIZE", "DELAY_ENV", "configure_parser", "convert", "main"]
+# What other code imports from here (the CLIs call main).
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "configure_parser", "convert", "main"]
 
 
 def convert(
@@ -58,11 +58,13 @@ def convert(
     force: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
+    shard_delay: float = 0.0,
 ) -> Path:
     """Convert `hf_path` (directory or hub id) into an MLX checkpoint at `mlx_path`.
 
     Same arguments as `mlx_lm.convert` (plus `quant_recipe`, which implies `quantize`, and
-    `force`). Returns the destination directory.
+    `force`; `shard_delay`: seconds to wait after each source shard, for tests that stop a run
+    mid-way). Returns the destination directory.
     """
     dst = Path(mlx_path).expanduser()
     if quant_recipe is not None:
@@ -111,6 +113,7 @@ def convert(
             add_prefix=add_prefix,
             total_bytes=total_bytes,
             progress=progress,
+            shard_delay=shard_delay,
         )
         writer.finish()
         write_side_files(src, tmp, config, dtype_name, quantization)

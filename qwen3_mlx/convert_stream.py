@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -16,9 +15,6 @@ from .convert_plan import EXPERT_KEY, canonical_name
 from .errors import WeightsError
 from .model import Model
 from .weights import load_shard, shard_name, write_index
-
-# Testing aid: seconds to sleep after each source shard, so a test can kill a run mid-way.
-DELAY_ENV = "QWEN3_MLX_CONVERT_SHARD_DELAY"
 
 
 def release_memory() -> None:
@@ -47,16 +43,16 @@ _malloc_trim = _load_malloc_trim()
 
 
 def model_tensors(
-    model: Model, files: list[Path], add_prefix: bool
+    model: Model, files: list[Path], add_prefix: bool, shard_delay: float = 0.0
 ) -> Iterator[tuple[str, mx.array, int]]:
     """Yield (model parameter name, tensor, source bytes consumed), one shard in memory at most.
+    `shard_delay`: seconds to wait after each source shard (a test kills a run mid-way).
 
     Per-expert tensors are buffered by (layer, projection) until all experts have been seen,
     then stacked as mlx-lm stores them. The buffered arrays are lazy (not yet read from disk).
     """
     num_experts = model.args.num_experts
     pending: dict[tuple[str, str], dict[int, mx.array]] = {}
-    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     for path in files:
         shard = load_shard(path)
         for name in list(shard):
@@ -79,8 +75,8 @@ def model_tensors(
                 yield "", tensor, tensor.nbytes  # nothing to write yet; progress only
         del shard
         release_memory()
-        if delay:
-            time.sleep(delay)
+        if shard_delay:
+            time.sleep(shard_delay)
     if pending:  # check_against_config makes this unreachable for consistent checkpoints
         (prefix, proj), group = next(iter(pending.items()))
         raise WeightsError(f"{prefix}.experts.*.{proj}: only {len(group)} of {num_experts} found")
@@ -136,6 +132,7 @@ def convert_tensors(
     add_prefix: bool,
     total_bytes: int,
     progress: bool,
+    shard_delay: float = 0.0,
 ) -> int:
     """Stream every tensor into `writer`; return the number of model parameters written."""
     from tqdm import tqdm
@@ -144,7 +141,7 @@ def convert_tensors(
     with tqdm(
         total=total_bytes, unit="B", unit_scale=True, desc="Converting", disable=not progress
     ) as bar:
-        for name, tensor, consumed in model_tensors(model, files, add_prefix):
+        for name, tensor, consumed in model_tensors(model, files, add_prefix, shard_delay):
             if name:
                 if dtype is not None and mx.issubdtype(tensor.dtype, mx.floating):
                     tensor = tensor.astype(dtype)

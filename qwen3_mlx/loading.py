@@ -12,6 +12,7 @@ import mlx.nn as nn
 from .config import ModelArgs, load_config
 from .errors import ConfigError
 from .hub import resolve_model_path
+from .kernels import OFF, KernelOptions
 from .model import Model
 from .weights import check_and_load, iter_shards
 
@@ -52,33 +53,47 @@ def apply_quantization(model: Model, quantization: dict[str, Any], weights: dict
     nn.quantize(model, **default, mode=mode, class_predicate=predicate)
 
 
-def build_model(config: dict[str, Any], source: str = "config.json") -> Model:
-    return Model(ModelArgs.from_dict(config, source))
+def build_model(config: dict[str, Any], source: str = "config.json", kernels=None) -> Model:
+    return Model(ModelArgs.from_dict(config, source), kernels=kernels)
 
 
 def load_model(
-    path_or_id: str | Path, *, lazy: bool = False, long_context: bool = False
+    path_or_id: str | Path,
+    *,
+    lazy: bool = False,
+    long_context: bool = False,
+    kernels=None,
+    compile: str | bool | None = None,
 ) -> tuple[Model, dict[str, Any]]:
-    """`long_context=True` switches on YaRN to 131,072 tokens (see cache.enable_long_context)."""
+    """`long_context=True` switches on YaRN to 131,072 tokens (see cache.enable_long_context);
+    `kernels` and `compile` as in `load`."""
     model_dir = resolve_model_path(path_or_id)
     config = load_config(model_dir)
     if long_context:
         from .cache import enable_long_context
 
         config = enable_long_context(config)
-    return model_from_config(model_dir, config, lazy=lazy), config
+    model = model_from_config(model_dir, config, lazy=lazy, kernels=kernels, compile=compile)
+    return model, config
 
 
 def model_from_config(
-    model_dir: Path, config: dict[str, Any], *, lazy: bool = False, body_only: bool = False
+    model_dir: Path,
+    config: dict[str, Any],
+    *,
+    lazy: bool = False,
+    body_only: bool = False,
+    kernels=None,
+    compile: str | bool | None = None,
 ) -> Model:
     """The model `config` describes, with the weights of `model_dir` (quantized as they are).
-    `body_only`: no lm_head is loaded (an embedding model's bare body)."""
+    `body_only`: no lm_head is loaded (an embedding model's bare body); `kernels` and `compile`
+    as in `load`."""
     source = str(model_dir / "config.json")
     if body_only:
         # The bare body has no lm_head; tying the head means none is expected (it is never used).
         config = {**config, "tie_word_embeddings": True}
-    model = build_model(config, source)
+    model = build_model(config, source, kernels=OFF)  # decided below, once the modules stand
     weights: dict[str, mx.array] = {}
     for _, shard in iter_shards(model_dir):
         weights.update(shard)
@@ -92,19 +107,37 @@ def model_from_config(
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
+    plan = model.use_kernels(kernels, compile)
+    if plan.any and not lazy and KernelOptions.of(kernels).kernels == "auto":
+        from .kernels.check import keep_faster
+
+        model.use_kernels(keep_faster(model, plan))
     return model
 
 
-def load(path_or_id: str | Path | None = None, *, lazy: bool = False, long_context: bool = False):
+def load(
+    path_or_id: str | Path | None = None,
+    *,
+    lazy: bool = False,
+    long_context: bool = False,
+    kernels=None,
+    compile: str | bool | None = None,
+):
     """Load a Qwen3 checkpoint directory or hub id → (model, tokenizer), ready to generate
     (see `prepare_for_inference`). Without one, the embedded demo model (as the command-line
-    tools without `--model`), with a one-line notice on stderr."""
+    tools without `--model`), with a one-line notice on stderr.
+
+    `kernels`: which fused GPU kernels run (None: the QWEN3_MLX_KERNELS switches; "auto" each
+    kernel that passed its check on this GPU, "0" none, "1" all; or a KernelOptions). `compile`:
+    the compiled decode step (None: QWEN3_MLX_COMPILE; True/False, or "layer")."""
     from .tokenizer import load_tokenizer
 
     if path_or_id is None or path_or_id == "":
         path_or_id = _demo_model_path()
     model_dir = resolve_model_path(path_or_id)
-    model, _ = load_model(model_dir, lazy=lazy, long_context=long_context)
+    model, _ = load_model(
+        model_dir, lazy=lazy, long_context=long_context, kernels=kernels, compile=compile
+    )
     return prepare_for_inference(model), load_tokenizer(model_dir)
 
 

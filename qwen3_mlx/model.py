@@ -28,6 +28,7 @@ from . import kernels as fused
 from .cache import drop_transposed_keys, transposed_keys
 from .config import ModelArgs
 from .errors import ConfigError
+from .kernels.options import OFF, KernelOptions, KernelPlan, plan_for, use_plan
 from .moe import SparseMoeBlock, decode_indices
 from .rope import RoPE
 
@@ -112,19 +113,17 @@ def merge_heads(attn: mx.array) -> mx.array:
     return attn.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
-def residual_rms_norm(x: mx.array, delta: mx.array, norm: nn.RMSNorm):
-    """(x + delta, norm(x + delta)), one kernel where the backend has it."""
-    if fused.enabled() and fused.add_rms_norm_covered(x):
+def residual_rms_norm(x: mx.array, delta: mx.array, norm: nn.RMSNorm, plan: KernelPlan = OFF):
+    """(x + delta, norm(x + delta)), one kernel where the plan has it."""
+    if plan.norm and fused.add_rms_norm_covered(x):
         return fused.add_rms_norm(x, delta, norm.weight, norm.eps)
     h = x + delta
     return h, norm(h)
 
 
-def compile_enabled() -> bool:
-    return step_mode() != "0"
-
-
 class Attention(nn.Module):
+    kernel_plan: KernelPlan = OFF  # set by Model.use_kernels
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         dim, head_dim = args.hidden_size, args.head_dim
@@ -154,7 +153,7 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         qkv = fuse(self, "_qkv", [self.q_proj, self.k_proj, self.v_proj])
         nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        if fused.enabled() and fused.qk_norm_rope_covered(x, self.head_dim):
+        if self.kernel_plan.rope and fused.qk_norm_rope_covered(x, self.head_dim):
             if not isinstance(offset, mx.array) or offset.dtype != mx.int32:
                 offset = mx.array(offset, dtype=mx.int32)
             if qkv is not None:
@@ -197,6 +196,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    kernel_plan: KernelPlan = OFF  # set by Model.use_kernels
+
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
@@ -209,7 +210,7 @@ class MLP(nn.Module):
         """(residual +) the MLP of x, or of norm(x) when `norm` is given."""
         if norm is not None:
             x = norm(x)
-        if fused.enabled() and fused.mlp_covered(self, x):
+        if self.kernel_plan.dense_mlp and fused.mlp_covered(self, x):
             return fused.dense_mlp(self, x, residual)
         gate_up = fuse(self, "_gate_up", [self.gate_proj, self.up_proj])
         if gate_up is not None and x.shape[-2] == 1:  # decode only, as for q/k/v
@@ -221,6 +222,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    kernel_plan: KernelPlan = OFF  # set by Model.use_kernels
+
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(args)
@@ -248,7 +251,7 @@ class DecoderLayer(nn.Module):
     def start(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
         """Residual stream x → q, k, v (B, heads, L, head_dim), normed and rotated."""
         attn = self.self_attn
-        if fused.enabled():
+        if self.kernel_plan.prologue:
             qkv = fuse(attn, "_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
             if fused.prologue_covered(qkv, x, attn):
                 offset = offset if isinstance(offset, mx.array) else mx.array(offset, mx.int32)
@@ -258,14 +261,17 @@ class DecoderLayer(nn.Module):
     def finish(self, attn: mx.array, x: mx.array) -> mx.array:
         """Attention output ((B, heads, L, hd) or (B, L, heads * hd)) and residual x → output."""
         o_proj = self.self_attn.o_proj
-        if fused.enabled() and fused.linear_residual_covered(o_proj, attn, x):
+        plan = self.kernel_plan
+        if plan.linear and fused.linear_residual_covered(o_proj, attn, x):
             if attn.ndim == 4 and attn.shape[2] > 1:
                 attn = attn.transpose(0, 2, 1, 3)  # the kernel reads token rows
             h = fused.linear_residual(o_proj, attn, x)
             if type(self.mlp) in (SparseMoeBlock, MLP):  # they can fold the norm in
                 return self.mlp(h, residual=h, norm=self.post_attention_layernorm)
             return self.mlp(self.post_attention_layernorm(h), residual=h)
-        h, normed = residual_rms_norm(x, o_proj(merge_heads(attn)), self.post_attention_layernorm)
+        h, normed = residual_rms_norm(
+            x, o_proj(merge_heads(attn)), self.post_attention_layernorm, plan
+        )
         return self.mlp(normed, residual=h)
 
 
@@ -342,7 +348,7 @@ class CompiledDecode:
             keys, values = _update_cache(layer_cache, k, v)
             if kernel_attention is None:
                 kernel_attention = (
-                    fused.enabled()
+                    body.kernel_plan.attention
                     and all(type(c) is type(layer_cache) for c in cache)
                     and fused.decode_attention_covered(q, keys, values, mask, layer_cache)
                 )
@@ -523,26 +529,31 @@ def embed_rows(embedding: nn.Module, tokens: mx.array) -> mx.array:
     return rows.reshape(*scales.shape[:-1], -1)
 
 
-def step_mode() -> str:
-    """QWEN3_MLX_COMPILE: 1/auto (compiled decode: CpuDecode on MLX's CPU backend with plain
-    KV caches, else one compiled function per layer boundary), layer (always the latter) or 0.
+def compile_mode(value: str | bool | None = None) -> str:
+    """The compile switch (None: QWEN3_MLX_COMPILE, default 1): 1/auto (compiled decode:
+    CpuDecode on MLX's CPU backend with plain KV caches, else one compiled function per layer
+    boundary), layer (always the latter) or 0.
 
     (The whole step as ONE compiled function, cache update and masked attention inside, was
     measured slower on the H200: 121 vs 145 tok/s; see benchmarks/results/h200_notes.md.)
     """
-    value = os.environ.get("QWEN3_MLX_COMPILE", "1").strip().lower()
-    if value not in ("0", "1", "auto", "layer"):
-        raise ConfigError(f"QWEN3_MLX_COMPILE={value!r}: expected 0, 1, auto or layer")
-    return value
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    name = "compile" if value is not None else "QWEN3_MLX_COMPILE"
+    text = str(value if value is not None else os.environ.get(name, "1")).strip().lower()
+    if text not in ("0", "1", "auto", "layer"):
+        raise ConfigError(f"{name}={text!r}: expected 0, 1, auto or layer")
+    return text
 
 
 class Qwen3Model(nn.Module):
     """The transformer body: embeddings → layers → final norm (hidden states out)."""
 
-    compile_decode: bool | None = None  # None: follow QWEN3_MLX_COMPILE (default on)
+    kernel_plan: KernelPlan = OFF  # set by Model.use_kernels
 
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.compile_mode = compile_mode()  # parsed once; Model.use_kernels may change it
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -579,14 +590,14 @@ class Qwen3Model(nn.Module):
         return True
 
     def _compile_wanted(self) -> bool:
-        return self.compile_decode if self.compile_decode is not None else compile_enabled()
+        return self.compile_mode != "0"
 
     def _cpu_step(self, cache: list) -> CpuDecode | None:
         """CpuDecode where it applies: CPU device, compiled decode on and not forced to the
         per-layer step, plain KV caches, stock layers."""
         if mx.default_device().type != mx.DeviceType.cpu or self.__dict__.get("_cpu_step_failed"):
             return None
-        if not self._compile_wanted() or step_mode() == "layer":
+        if not self._compile_wanted() or self.compile_mode == "layer":
             return None
         if not all(type(c) is KVCache for c in cache):
             return None
@@ -601,12 +612,12 @@ class Qwen3Model(nn.Module):
     def _get_compiled(self, attr: str, kind):
         """The cached compiled-step object `kind`, rebuilt when weights or switches change."""
         # The traced steps bake in which kernels run: rebuild them when a switch changes.
-        key = (fused.enabled("moe"), fused.enabled(), mx.default_device())
+        key = (self.kernel_plan, self.compile_mode, mx.default_device())
         cached = self.__dict__.get(attr)
         if cached is not None and cached[0] == key:
             return cached[1]
         mx.eval(self.parameters())  # constants of the trace must be concrete arrays
-        if fused.enabled():
+        if self.kernel_plan.any:
             fused.prepare(self)
         for layer in self.layers:  # fuse projections before tracing, not inside it
             attn = layer.self_attn
@@ -637,20 +648,34 @@ class Qwen3Model(nn.Module):
 class Model(nn.Module):
     """Causal LM: `model(tokens (B, L), cache)` → logits (B, L, vocab)."""
 
-    def __init__(self, args: ModelArgs):
+    kernel_plan: KernelPlan = OFF
+
+    def __init__(self, args: ModelArgs, kernels=None):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
         self.model = Qwen3Model(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.use_kernels(kernels)
+
+    def use_kernels(self, kernels=None, compile: str | bool | None = None) -> KernelPlan:
+        """Decide once which fused kernels run (`kernels`: a KernelPlan as is; else
+        KernelOptions.of(kernels), None being the QWEN3_MLX_* switches) and hand the plan to
+        every layer; `compile` (None: unchanged) sets the compile switch. Returns the plan."""
+        plan = kernels if isinstance(kernels, KernelPlan) else plan_for(KernelOptions.of(kernels))
+        use_plan(self, plan)
+        if compile is not None:
+            self.model.compile_mode = compile_mode(compile)
+        self.model.reset_compiled()
+        return plan
 
     def __call__(self, inputs: mx.array, cache: list | None = None, input_embeddings=None):
         return self.logits(self.model(inputs, cache, input_embeddings))
 
     def logits(self, hidden: mx.array) -> mx.array:
         head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
-        if fused.enabled() and fused.logits_covered(head, hidden):
+        if self.kernel_plan.linear and fused.logits_covered(head, hidden):
             return fused.logits(head, hidden)  # a few tokens: one pass over the weights
         if self.args.tie_word_embeddings:
             return head.as_linear(hidden)

@@ -6,40 +6,36 @@ with experts stacked on axis 0) so checkpoints move freely between the two proje
 The reference path runs the experts with `mx.gather_qmm` (quantized) or `mx.gather_mm`.
 `Experts.__call__` and `SparseMoeBlock.route` are the seams where fused kernels
 (qwen3_mlx.kernels: one router launch, one gate+up+SwiGLU launch, one down+weighted-sum launch)
-take over when the backend, shape and quantization allow it; `kernels` on either module (None:
-the QWEN3_MLX_MOE_KERNELS switch) forces one path.
+take over when the module's `kernel_plan` (the model's, set at load) has them on and the shape
+and quantization allow it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels as fused
-from .errors import ConfigError
+from .kernels.options import OFF, KernelPlan
 
 # Sorting tokens by expert pays off once enough (token, expert) pairs share experts.
 SORT_THRESHOLD = 64
 
 
-def prefill_layout(pairs: int, num_experts: int) -> str:
+def prefill_layout(pairs: int, num_experts: int, plan: KernelPlan) -> str:
     """'blocked' or 'per-pair': how the reference path lays out (token, expert) pairs.
 
-    QWEN3_MLX_MOE_PREFILL=blocked|per-pair forces one; auto packs pairs into per-expert blocks
+    plan.moe_prefill (QWEN3_MLX_MOE_PREFILL) blocked|per-pair forces one; auto packs pairs into per-expert blocks
     on MLX's CUDA backend once there is at least one pair per expert: its gather_qmm runs one
     tiled GEMM per batch entry, so a one-row entry wastes the tile (measured in
     benchmarks/micro.py). Elsewhere (CPU; Metal's gather_qmm reads sorted rows natively)
     one row per pair stays.
     """
-    value = os.environ.get("QWEN3_MLX_MOE_PREFILL", "auto").strip().lower()
-    if value not in ("auto", "blocked", "per-pair"):
-        raise ConfigError(f"QWEN3_MLX_MOE_PREFILL={value!r}: expected auto, blocked or per-pair")
-    if value != "auto":
-        return value
-    return "blocked" if fused.backend() == "cuda" and pairs >= num_experts else "per-pair"
+    if plan.moe_prefill != "auto":
+        return plan.moe_prefill
+    return "blocked" if plan.backend == "cuda" and pairs >= num_experts else "per-pair"
 
 
 class ExpertLinear(nn.Module):
@@ -117,7 +113,7 @@ class QuantizedExpertLinear(nn.Module):
 class Experts(nn.Module):
     """All experts of one layer as three stacked projections with SwiGLU."""
 
-    kernels: str | bool | None = None  # None: follow QWEN3_MLX_MOE_KERNELS
+    kernel_plan: KernelPlan = OFF  # the model's, set at load (Model.use_kernels)
 
     def __init__(self, dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
@@ -136,7 +132,7 @@ class Experts(nn.Module):
 
         With `residual`, returns residual + that sum (the fused kernel adds it in place).
         """
-        if fused.enabled("moe", self.kernels) and fused.experts_covered(self, x, indices.shape[-1]):
+        if self.kernel_plan.experts and fused.experts_covered(self, x, indices.shape[-1]):
             return fused.moe_experts(self, x, indices, scores, residual)
         y = self.reference(x, indices, scores)
         return y if residual is None else residual + y
@@ -153,7 +149,8 @@ class Experts(nn.Module):
         return residual + (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
 
     def reference(self, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
-        if prefill_layout(indices.size, self.gate_proj.weight.shape[0]) == "blocked":
+        plan = self.kernel_plan
+        if prefill_layout(indices.size, self.gate_proj.weight.shape[0], plan) == "blocked":
             return self.blocked(x, indices, scores)
         return self.per_pair(x, indices, scores)
 
@@ -239,7 +236,7 @@ def block_rows(pairs: int, num_experts: int) -> int:
 
 
 class SparseMoeBlock(nn.Module):
-    kernels: str | bool | None = None  # None: follow QWEN3_MLX_MOE_KERNELS
+    kernel_plan: KernelPlan = OFF  # the model's, set at load (Model.use_kernels)
 
     def __init__(
         self, dims: int, hidden_dims: int, num_experts: int, top_k: int, norm_topk_prob: bool
@@ -253,9 +250,7 @@ class SparseMoeBlock(nn.Module):
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Softmax over all experts (in float32), keep the top-k, optionally renormalise."""
         num_experts = self.gate.weight.shape[0]
-        if fused.enabled("moe", self.kernels) and fused.router_covered(
-            self.gate, x, num_experts, self.top_k
-        ):
+        if self.kernel_plan.router and fused.router_covered(self.gate, x, num_experts, self.top_k):
             indices, scores, _ = fused.moe_router(x, self.gate, self.top_k, self.norm_topk_prob)
             return indices, scores
         probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
@@ -295,8 +290,8 @@ class SparseMoeBlock(nn.Module):
         num_experts = self.gate.weight.shape[0]
         sw = self.switch_mlp
         return (
-            fused.enabled("moe", self.kernels)
-            and fused.enabled("moe", sw.kernels)
+            self.kernel_plan.router
+            and sw.kernel_plan.experts
             and fused.router_covered(self.gate, x, num_experts, self.top_k)
             and fused.experts_covered(sw, x, self.top_k)
         )

@@ -1,7 +1,6 @@
 """The converter: mlx-lm's layout, bit-identical quantization to mlx-lm, recipes, crash safety."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from qwen3_mlx import quant
-from qwen3_mlx.convert import DELAY_ENV, convert, main
+from qwen3_mlx.convert import convert, main
 from qwen3_mlx.errors import ConfigError, ConvertError
 from qwen3_mlx.loading import load_model
 from qwen3_mlx.weights import INDEX_FILE
@@ -217,12 +216,13 @@ def test_killed_conversion_leaves_no_model(tmp_path):
     """SIGKILL mid-way: the destination never appears; a rerun cleans up and succeeds."""
     src = make_checkpoint(tmp_path / "src", max_shard_size="100KB")
     dst = tmp_path / "dst"
-    cmd = [sys.executable, "-m", "qwen3_mlx.convert", "--hf-path", str(src), "--mlx-path", str(dst)]
-    env = {**os.environ, DELAY_ENV: "1.0"}
-    cmd += ["--max-shard-size", "50KB", "--no-progress"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    # A second after each source shard: time to see a part written and kill the run.
+    script = (
+        "import sys; from qwen3_mlx.convert import convert; "
+        "convert(sys.argv[1], sys.argv[2], max_shard_size='50KB', progress=False, shard_delay=1.0)"
     )
+    cmd = [sys.executable, "-c", script, str(src), str(dst)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".dst.converting-*/part-*.safetensors")):

@@ -1,6 +1,6 @@
 """The CPU backend's decode step (model.CpuDecode) against the general path.
 
-Same logits as QWEN3_MLX_COMPILE=0 (uncompiled reference ops) for dense and MoE models,
+Same logits as `compile=0` (uncompiled reference ops) for dense and MoE models,
 float32 and bfloat16, 4- and 8-bit, batch 1 and 2, across a growth of the KV cache; its
 transposed copy of the keys stays right when the cache is trimmed and refilled, or written
 outside the model; caches it does not handle (quantized) keep the general step.
@@ -33,15 +33,22 @@ def tiny_model(dtype=mx.float32, bits=4, group_size=64, dense=False, tied=False)
     return model, config
 
 
-def decode_logits(model, tokens: np.ndarray, prompt: int, monkeypatch, compile: str, cache=None):
+def decode_logits(model, tokens: np.ndarray, prompt: int, compile: str, cache=None):
     """Logits of a prefill up to `prompt` tokens (after what `cache` holds), then one decode
-    step per remaining token."""
-    monkeypatch.setenv("QWEN3_MLX_COMPILE", compile)
+    step per remaining token, with the compile switch set to `compile` (the same kernels; a
+    change forgets the compiled steps, as a switch set at load would never have built them)."""
+    if model.model.compile_mode != compile:
+        model.use_kernels(model.kernel_plan, compile=compile)
     cache = cache or [KVCache() for _ in model.layers]
     outs = [model(mx.array(tokens[:, cache[0].offset : prompt]), cache)[:, -1:]]
     for i in range(prompt, tokens.shape[1]):
         outs.append(model(mx.array(tokens[:, i : i + 1]), cache))
     return np.concatenate([np.array(o.astype(mx.float32)) for o in outs], axis=1)
+
+
+def cpu_step_built(model) -> bool:
+    """Whether the body holds a CpuDecode (built by the last decode steps since use_kernels)."""
+    return "_compiled_cpu" in model.model.__dict__
 
 
 def count_cpu_steps(monkeypatch) -> list:
@@ -71,10 +78,10 @@ def test_cpu_step_matches_the_general_path(kwargs, batch, monkeypatch):
     # 250 prefilled + 10 decoded: the cache grows past its first 256 positions mid-decode.
     tokens = np.random.default_rng(0).integers(0, 512, (batch, 260))
     calls = count_cpu_steps(monkeypatch)
-    fast = decode_logits(model, tokens, 250, monkeypatch, compile="1")
-    assert len(calls) == 10
-    plain = decode_logits(model, tokens, 250, monkeypatch, compile="0")
-    assert len(calls) == 10
+    fast = decode_logits(model, tokens, 250, compile="1")
+    assert cpu_step_built(model) and len(calls) == 10  # every decode step took CpuDecode
+    plain = decode_logits(model, tokens, 250, compile="0")
+    assert not cpu_step_built(model) and len(calls) == 10  # none did
     # The same arithmetic (bitwise equal here); fused kernels may contract to FMA elsewhere.
     tolerance = 0.25 if "dtype" in kwargs else 1e-5
     np.testing.assert_allclose(fast, plain, atol=tolerance, rtol=tolerance)
@@ -89,20 +96,22 @@ def test_transposed_keys_follow_trim_and_refill(monkeypatch):
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 512, (1, 24))
     cache = [KVCache() for _ in model.layers]
-    decode_logits(model, tokens[:, :20], 12, monkeypatch, compile="1", cache=cache)
+    decode_logits(model, tokens[:, :20], 12, compile="1", cache=cache)
     for c in cache:
         c.trim(3)
     other = rng.integers(0, 512, (1, 7))
     refill = np.concatenate([tokens[:, :17], other], axis=1)  # 3 refilled + 4 decoded
-    got = decode_logits(model, refill, 20, monkeypatch, compile="1", cache=cache)
-    want = decode_logits(model, refill, 20, monkeypatch, compile="0")
+    got = decode_logits(model, refill, 20, compile="1", cache=cache)
+    want = decode_logits(model, refill, 20, compile="0")
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     # A one-token refill goes through the CPU step itself: trimmed, its copy is rebuilt.
     for c in cache:
         c.trim(2)
     again = np.concatenate([refill[:, :22], other[:, :2] + 1], axis=1)
-    got = decode_logits(model, again, 23, monkeypatch, compile="1", cache=cache)
-    want = decode_logits(model, again, 23, monkeypatch, compile="0")
+    calls = count_cpu_steps(monkeypatch)
+    got = decode_logits(model, again, 23, compile="1", cache=cache)
+    assert len(calls) == 2  # the refill and the one decoded token
+    want = decode_logits(model, again, 23, compile="0")
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -111,7 +120,7 @@ def test_transposed_keys_follow_writes_outside_the_model(monkeypatch):
     model, _ = tiny_model()
     tokens = np.random.default_rng(3).integers(0, 512, (1, 18))
     cache = [KVCache() for _ in model.layers]
-    decode_logits(model, tokens[:, :12], 8, monkeypatch, compile="1", cache=cache)
+    decode_logits(model, tokens[:, :12], 8, compile="1", cache=cache)
     reference = []
     for c in cache:
         twin = KVCache()
@@ -123,8 +132,10 @@ def test_transposed_keys_follow_writes_outside_the_model(monkeypatch):
         c.update_and_fetch(kv[0], kv[1])
         twin.update_and_fetch(kv[0], kv[1])
     extended = np.concatenate([tokens[:, :14], tokens[:, 12:]], axis=1)  # offset is now 14
-    got = decode_logits(model, extended, 15, monkeypatch, compile="1", cache=cache)
-    want = decode_logits(model, extended, 15, monkeypatch, compile="0", cache=reference)
+    calls = count_cpu_steps(monkeypatch)
+    got = decode_logits(model, extended, 15, compile="1", cache=cache)
+    assert len(calls) == 6  # the one-token prefill and five decoded tokens
+    want = decode_logits(model, extended, 15, compile="0", cache=reference)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -133,5 +144,5 @@ def test_quantized_cache_keeps_the_general_step(monkeypatch):
     tokens = np.random.default_rng(2).integers(0, 512, (1, 12))
     calls = count_cpu_steps(monkeypatch)
     cache = [QuantizedKVCache(group_size=64, bits=8) for _ in model.layers]
-    decode_logits(model, tokens, 8, monkeypatch, compile="1", cache=cache)
-    assert calls == []
+    decode_logits(model, tokens, 8, compile="1", cache=cache)
+    assert calls == [] and not cpu_step_built(model)

@@ -1,18 +1,25 @@
 """Fused kernels: dispatch, the reference path against float64, kernels against the reference.
 
-CPU part (CI): switches and fallback, shared kernel sources, the gather_qmm reference against a
-float64 numpy reference, compiled decode and fused projections against the plain model.
+CPU part (CI): the switches (KernelOptions) and the plan they give (plan_for, Model.use_kernels),
+the fallback, shared kernel sources, the gather_qmm reference against a float64 numpy reference,
+compiled decode and fused projections against the plain model.
 GPU part (`-m gpu`, run on the H200 through MLX's CUDA backend; results committed under
 benchmarks/results/): every kernel against the reference within bf16 rounding for bits {4, 8},
 group sizes {32, 64, 128}, 1-32 tokens and several expert counts / top-k, and whole-model
-logits with kernels on vs off. Set QWEN3_MLX_KERNEL_REPORT=path to log the measured errors.
+logits with kernels on vs off. The kernel side of each comparison runs under a plan that forces
+its kernels (never "auto", which would compare the reference with itself where a kernel has not
+passed its check) and asserts that they launched. Set QWEN3_MLX_KERNEL_REPORT=path to log the
+measured errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections import Counter
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,9 +29,40 @@ from mlx.utils import tree_flatten
 
 from qwen3_mlx import kernels
 from qwen3_mlx.errors import ConfigError
+from qwen3_mlx.kernels import OFF, KernelOptions, KernelPlan, build, tuning
+from qwen3_mlx.kernels import attention as attention_kernels
+from qwen3_mlx.kernels import moe as moe_kernels
+from qwen3_mlx.kernels.options import FLAG_KERNELS
 from qwen3_mlx.moe import SparseMoeBlock
 
 gpu = pytest.mark.skipif(kernels.backend() is None, reason="needs MLX's Metal or CUDA backend")
+
+
+def forced(**flags) -> KernelPlan:
+    """A plan with these call sites' kernels on (unchecked), on this device's backend."""
+    return KernelPlan(backend=kernels.backend(), **flags)
+
+
+def every_kernel() -> KernelPlan:
+    """Every kernel forced on (kernels="1"): a ConfigError without Metal/CUDA."""
+    return kernels.plan_for(KernelOptions(kernels="1"))
+
+
+@contextlib.contextmanager
+def counted_launches():
+    """Within the block, kernel launches still run on this device and are counted by name."""
+    counts: Counter[str] = Counter()
+
+    def launch(name, **kwargs):
+        counts[name] += 1
+        return build.mlx_launch(name, **kwargs)
+
+    with kernels.launched_by(launch, kernels.backend()):
+        yield counts
+
+
+def refuse_launch(name, **_):
+    raise AssertionError(f"{name} launched: only launch shapes were asked for")
 
 
 def report(test: str, **values) -> None:
@@ -96,52 +134,150 @@ def experts64(block, x, indices, scores) -> np.ndarray:
 
 
 def test_switches(monkeypatch):
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "sometimes")
+    """The environment's switches, parsed once into KernelOptions."""
+    assert KernelOptions.from_env({}) == KernelOptions()  # all "auto", the layout too
     with pytest.raises(ConfigError, match="QWEN3_MLX_KERNELS"):
-        kernels.enabled()
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
-    assert not kernels.enabled() and not kernels.enabled("moe")
-    monkeypatch.setenv("QWEN3_MLX_MOE_KERNELS", "auto")
-    assert kernels.enabled("moe") == (kernels.backend() in kernels.VERIFIED_BACKENDS)
-    assert not kernels.enabled("moe", override=False)
-    assert kernels.router_kernel_enabled()  # follows the MoE switch unless turned off
-    monkeypatch.setenv("QWEN3_MLX_ROUTER_KERNEL", "0")
-    assert not kernels.router_kernel_enabled()
-    monkeypatch.setenv("QWEN3_MLX_ROUTER_KERNEL", "yes")
+        KernelOptions.from_env({"QWEN3_MLX_KERNELS": "sometimes"})
+    options = KernelOptions.from_env({"QWEN3_MLX_KERNELS": "0", "QWEN3_MLX_MOE_KERNELS": "auto"})
+    assert (options.kernels, options.moe, options.router, options.attention) == (
+        "0", "auto", True, True,
+    )  # fmt: skip
+    assert KernelOptions.from_env({"QWEN3_MLX_KERNELS": " AUTO "}).kernels == "auto"
+    assert KernelOptions.from_env({"QWEN3_MLX_MOE_KERNELS": "1"}).moe == "1"
+    assert not KernelOptions.from_env({"QWEN3_MLX_ROUTER_KERNEL": "0"}).router
+    assert not KernelOptions.from_env({"QWEN3_MLX_ATTENTION_KERNEL": "0"}).attention
     with pytest.raises(ConfigError, match="QWEN3_MLX_ROUTER_KERNEL"):
-        kernels.router_kernel_enabled()
+        KernelOptions.from_env({"QWEN3_MLX_ROUTER_KERNEL": "yes"})
+    with pytest.raises(ConfigError, match="QWEN3_MLX_ATTENTION_KERNEL"):
+        KernelOptions.from_env({"QWEN3_MLX_ATTENTION_KERNEL": "off"})
+    assert KernelOptions.from_env({"QWEN3_MLX_MOE_PREFILL": "Blocked"}).moe_prefill == "blocked"
+    with pytest.raises(ConfigError, match="QWEN3_MLX_MOE_PREFILL"):
+        KernelOptions.from_env({"QWEN3_MLX_MOE_PREFILL": "sideways"})
+    # What load(..., kernels=...) and Model.use_kernels take.
+    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
+    monkeypatch.setenv("QWEN3_MLX_ROUTER_KERNEL", "0")
+    assert KernelOptions.of(None) == KernelOptions(kernels="0", router=False)
+    assert KernelOptions.of("1") == KernelOptions(kernels="1")
+    assert KernelOptions.of(True).kernels == "1" and KernelOptions.of(False).kernels == "0"
+    assert KernelOptions.of({"moe": "0", "attention": False}) == KernelOptions(
+        moe="0", attention=False
+    )
+    options = KernelOptions(kernels="auto", moe="1")
+    assert KernelOptions.of(options) is options
+    with pytest.raises(ConfigError, match="kernels"):
+        KernelOptions.of("sometimes")
+    with pytest.raises(ConfigError, match="moe_prefill"):
+        KernelOptions(moe_prefill="sideways")
 
 
-def test_cpu_falls_back_to_reference(monkeypatch):
+def test_plan_follows_the_switches_and_the_check():
+    """plan_for: "1" turns a call site on unchecked, "0" off, "auto" asks the check (once, and
+    only under "auto"); the MoE switch overrides the general one for the router and experts;
+    router / attention off take those call sites off whatever the rest."""
+    asked = []
+
+    def check(backend):
+        asked.append(backend)
+        return {"rope", "router", "attention"}
+
+    with kernels.launched_by(refuse_launch, "cuda"):  # a GPU backend, nothing launched
+        plan = kernels.plan_for(KernelOptions(), check=check)
+        assert asked == ["cuda"]
+        assert plan == KernelPlan(backend="cuda", rope=True, router=True, attention=True)
+        assert plan.any and plan.kernels() == ["decode_attention", "moe_router", "qk_norm_rope"]
+        everything = kernels.plan_for(KernelOptions(kernels="1"), check=check)
+        assert asked == ["cuda"]  # forced: not asked
+        assert all(getattr(everything, flag) for flag in FLAG_KERNELS)
+        assert everything.kernels() == sorted({k for ks in FLAG_KERNELS.values() for k in ks})
+        nothing = kernels.plan_for(KernelOptions(kernels="0"), check=check)
+        assert nothing == KernelPlan(backend="cuda") and not nothing.any
+        assert asked == ["cuda"]
+        moe_only = kernels.plan_for(KernelOptions(kernels="0", moe="auto"), check=check)
+        assert moe_only == KernelPlan(backend="cuda", router=True)  # experts did not pass
+        assert len(asked) == 2
+        no_moe = kernels.plan_for(KernelOptions(kernels="1", moe="0"), check=check)
+        assert no_moe == everything.without("router", "experts")
+        trimmed = kernels.plan_for(
+            KernelOptions(kernels="1", router=False, attention=False, moe_prefill="per-pair"),
+            check=check,
+        )
+        assert trimmed == replace(everything.without("router", "attention"), moe_prefill="per-pair")
+    with kernels.launched_by(refuse_launch, "metal"):
+        assert kernels.plan_for(KernelOptions(), check=lambda b: {"norm"}).backend == "metal"
+    with mx.stream(mx.cpu):  # no GPU backend: nothing to check, nothing may be forced
+        assert kernels.backend() is None
+        plan = kernels.plan_for(KernelOptions(moe_prefill="blocked"), check=check)
+        assert plan == KernelPlan(moe_prefill="blocked") and not plan.any and len(asked) == 2
+        for options in (KernelOptions(kernels="1"), KernelOptions(kernels="0", moe="1")):
+            with pytest.raises(ConfigError, match="forced on"):
+                kernels.plan_for(options, check=check)
+        off = KernelOptions(kernels="0", moe="1", router=False, attention=False)
+        with pytest.raises(ConfigError, match="forced on"):
+            kernels.plan_for(off, check=check)  # the experts still are
+    assert OFF == KernelPlan() and not OFF.any and OFF.kernels() == []
+
+
+def test_use_kernels_hands_one_plan_to_every_layer():
+    """Model.use_kernels: a KernelPlan as is, to the model and each module that reads one
+    (MoE blocks and their experts too); the compile switch beside it; each call forgets the
+    compiled steps (they bake in which kernels run)."""
+    model, _ = tiny_model()
+    readers = [m for _, m in model.named_modules() if hasattr(type(m), "kernel_plan")]
+    assert {type(m).__name__ for m in readers} >= {
+        "Model", "Qwen3Model", "DecoderLayer", "Attention", "SparseMoeBlock", "Experts",
+    }  # fmt: skip
+    plan = KernelPlan(backend="cuda", rope=True, moe_prefill="blocked")
+    assert model.use_kernels(plan, compile="layer") is plan
+    assert all(m.kernel_plan is plan for m in readers)
+    assert model.model.compile_mode == "layer"
+    object.__setattr__(model.model, "_compiled", ("stale", None))
+    assert model.use_kernels("0", compile=False) == KernelPlan(backend=kernels.backend())
+    assert all(m.kernel_plan == model.kernel_plan for m in readers)
+    assert model.model.compile_mode == "0" and "_compiled" not in model.model.__dict__
+    model.use_kernels(OFF)  # compile=None: unchanged
+    assert model.model.compile_mode == "0" and model.kernel_plan is OFF
+    assert model.use_kernels({"kernels": "0", "moe_prefill": "per-pair"}).moe_prefill == "per-pair"
+    with pytest.raises(ConfigError, match="compile"):
+        model.use_kernels(OFF, compile="sometimes")
+    for value, mode in [("1", "1"), ("auto", "auto"), (" Layer", "layer"), (True, "1")]:
+        model.use_kernels(OFF, compile=value)
+        assert model.model.compile_mode == mode
+
+
+def test_cpu_falls_back_to_reference():
     block = make_block(64, 32, 8, 2, 4, 32, mx.float32)
     x = mx.random.normal((2, 3, 64))
     with mx.stream(mx.cpu):
         assert kernels.backend() is None
-        monkeypatch.setenv("QWEN3_MLX_MOE_KERNELS", "auto")
+        plan = kernels.plan_for(KernelOptions(moe="auto"))  # no GPU: nothing runs, unchecked
+        assert plan == OFF
+        kernels.use_plan(block, plan)
         auto = block(x)
         indices, scores = block.route(x)
         reference = block.switch_mlp.reference(x, indices, scores)
         np.testing.assert_allclose(np.array(auto), np.array(reference), atol=1e-6)
-        monkeypatch.setenv("QWEN3_MLX_MOE_KERNELS", "1")
-    if kernels.backend() is None:
         with pytest.raises(ConfigError, match="forced on"):
-            block(x)
+            kernels.plan_for(KernelOptions(moe="1"))
+        model, _ = tiny_model()
+        with pytest.raises(ConfigError, match="forced on"):
+            model.use_kernels("1")
 
 
-def test_split_launch_shapes(monkeypatch):
+def test_split_launch_shapes():
     """On CUDA the router spreads a token over 8 threadgroups and the prologue a head over 4,
     each within the register budget their loads-in-flight design assumes (<= 256 threads);
     elsewhere (Metal: the hand-off is unvalidated) they keep one threadgroup each."""
-    monkeypatch.setattr(kernels, "backend", lambda: "metal")
-    assert kernels._router_shape(128) == (1, 256) and kernels._prologue_shape(128) == (1, 256)
-    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
-    assert kernels._router_shape(128) == (8, 128)
-    assert kernels._router_shape(64) == (8, 64)
-    assert kernels._router_shape(16)[0] == 8
-    assert kernels._prologue_shape(128) == (4, 256)
-    assert kernels._prologue_shape(64) == (2, 256)
-    split, threads = kernels._router_shape(60)
-    assert 60 % split == 0 and threads <= 256
+    router_shape, prologue_shape = moe_kernels._router_shape, attention_kernels._prologue_shape
+    with kernels.launched_by(refuse_launch, "metal"):
+        assert router_shape(128) == (1, 256) and prologue_shape(128) == (1, 256)
+    with kernels.launched_by(refuse_launch, "cuda"):
+        assert router_shape(128) == (8, 128)
+        assert router_shape(64) == (8, 64)
+        assert router_shape(16)[0] == 8
+        assert prologue_shape(128) == (4, 256)
+        assert prologue_shape(64) == (2, 256)
+        split, threads = router_shape(60)
+        assert 60 % split == 0 and threads <= 256
 
 
 def test_sources_share_one_body_per_kernel():
@@ -151,11 +287,11 @@ def test_sources_share_one_body_per_kernel():
     for name in kernels.SPECS:
         metal_header, metal_body = kernels.kernel_source(name, "metal")
         cuda_header, cuda_body = kernels.kernel_source(name, "cuda")
-        body = (kernels.SOURCE_DIR / f"{name}.inc").read_text()
+        body = (build.SOURCE_DIR / f"{name}.inc").read_text()
         assert metal_body.endswith(body) and cuda_body.endswith(body)
         assert "threadIdx" in cuda_body and "thread_index_in_threadgroup" in metal_body
         assert "uint " not in cuda_body + cuda_header  # CUDA has no Metal `uint`
-        # Without comments (kernels.KERNEL_COMMENTS=False): the same code, line for line.
+        # Without comments (comments=False): the same code, line for line.
         for backend_name in ("cuda", "metal"):
             for full, bare in zip(kernels.kernel_source(name, backend_name),
                                   kernels.kernel_source(name, backend_name, comments=False),
@@ -166,7 +302,7 @@ def test_sources_share_one_body_per_kernel():
     # Both preludes define the same vocabulary (macros and helper functions) for the bodies.
     vocab = {}
     for backend_name in ("cuda", "metal"):
-        text = (kernels.SOURCE_DIR / f"prelude.{backend_name}.h").read_text()
+        text = (build.SOURCE_DIR / f"prelude.{backend_name}.h").read_text()
         macros = re.findall(r"^#define (\w+)", text, re.M)
         helpers = re.findall(r"^DEVICE_FN [\w ]+? (\w+)\(", text, re.M)
         vocab[backend_name] = set(macros) | set(helpers)
@@ -181,9 +317,12 @@ def test_sources_share_one_body_per_kernel():
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("tokens", [1, 9])  # 9 tokens x top-8 = 72 pairs: the sorted path
 @pytest.mark.parametrize("layout", ["per-pair", "blocked"])
-def test_reference_experts_match_float64(bits, group_size, tokens, layout, monkeypatch):
-    monkeypatch.setenv("QWEN3_MLX_MOE_PREFILL", layout)
+def test_reference_experts_match_float64(bits, group_size, tokens, layout):
+    from qwen3_mlx.moe import prefill_layout
+
     block = make_block(128, 128, 16, 8, bits, group_size, mx.float32, seed=bits + tokens)
+    block.switch_mlp.kernel_plan = KernelPlan(moe_prefill=layout)
+    assert prefill_layout(tokens * 8, 16, block.switch_mlp.kernel_plan) == layout
     x = mx.random.normal((tokens, 128))
     with mx.stream(mx.cpu):
         indices, scores = block.route(x)
@@ -215,16 +354,25 @@ def test_blocked_prefill_layout_matches_per_pair(rows, quantized):
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
 
 
-def test_prefill_layout_switch(monkeypatch):
+def test_prefill_layout_switch():
+    """The plan's layout: auto packs blocks on CUDA once there is a pair per expert."""
     from qwen3_mlx.moe import prefill_layout
 
-    monkeypatch.setenv("QWEN3_MLX_MOE_PREFILL", "sideways")
     with pytest.raises(ConfigError, match="QWEN3_MLX_MOE_PREFILL"):
-        prefill_layout(1024, 128)
-    monkeypatch.setenv("QWEN3_MLX_MOE_PREFILL", "auto")
+        KernelOptions.from_env({"QWEN3_MLX_MOE_PREFILL": "sideways"})
+    plan = kernels.plan_for(KernelOptions(kernels="0"))  # this device's, nothing to check
+    assert plan.backend == kernels.backend() and plan.moe_prefill == "auto"
     cuda = kernels.backend() == "cuda"
-    assert prefill_layout(1024, 128) == ("blocked" if cuda else "per-pair")
-    assert prefill_layout(64, 128) == "per-pair"
+    assert prefill_layout(1024, 128, plan) == ("blocked" if cuda else "per-pair")
+    assert prefill_layout(64, 128, plan) == "per-pair"
+    assert prefill_layout(1024, 128, KernelPlan(backend="cuda")) == "blocked"
+    assert prefill_layout(127, 128, KernelPlan(backend="cuda")) == "per-pair"
+    for backend in (None, "metal"):
+        assert prefill_layout(1024, 128, KernelPlan(backend=backend)) == "per-pair"
+    forced_layout = kernels.plan_for(KernelOptions(kernels="0", moe_prefill="blocked"))
+    assert prefill_layout(64, 128, forced_layout) == "blocked"
+    per_pair = KernelPlan(backend="cuda", moe_prefill="per-pair")
+    assert prefill_layout(1024, 128, per_pair) == "per-pair"
 
 
 def tiny_model(
@@ -254,16 +402,18 @@ def run_tokens(model, tokens: np.ndarray, steps: int) -> np.ndarray:
     return np.concatenate([np.array(o.astype(mx.float32)) for o in outs], axis=1)
 
 
-def test_compiled_decode_and_fused_projections_match_plain_model(monkeypatch):
+def test_compiled_decode_and_fused_projections_match_plain_model():
     model, _ = tiny_model()
+    plan = model.kernel_plan  # the same kernels compiled and not
     names_before = {k: v.shape for k, v in tree_flatten(model.parameters())}
     q_before = np.array(model.layers[0].self_attn.q_proj.scales)
     tokens = np.random.default_rng(0).integers(0, 512, (2, 12))
-    monkeypatch.setenv("QWEN3_MLX_COMPILE", "layer")
+    model.use_kernels(plan, compile="layer")
     compiled = run_tokens(model, tokens, steps=5)
     assert model.model.__dict__.get("_compiled") is not None
-    monkeypatch.setenv("QWEN3_MLX_COMPILE", "0")
+    model.use_kernels(plan, compile="0")
     plain = run_tokens(model, tokens, steps=5)
+    assert "_compiled" not in model.model.__dict__
     np.testing.assert_allclose(compiled, plain, atol=1e-4, rtol=1e-4)
     # Fusing kept names, shapes and values of the parameters.
     assert {k: v.shape for k, v in tree_flatten(model.parameters())} == names_before
@@ -272,9 +422,10 @@ def test_compiled_decode_and_fused_projections_match_plain_model(monkeypatch):
     from benchmarks.models import random_weights
 
     model.update(_unflatten(random_weights(model, seed=1)))
-    monkeypatch.setenv("QWEN3_MLX_COMPILE", "layer")
+    model.use_kernels(plan, compile="layer")
     compiled_new = run_tokens(model, tokens, steps=5)
-    monkeypatch.setenv("QWEN3_MLX_COMPILE", "0")
+    assert model.model.__dict__.get("_compiled") is not None
+    model.use_kernels(plan, compile="0")
     plain_new = run_tokens(model, tokens, steps=5)
     np.testing.assert_allclose(compiled_new, plain_new, atol=1e-4, rtol=1e-4)
     assert np.abs(plain_new - plain).max() > 1e-2
@@ -299,7 +450,7 @@ EXPERT_CASES = [
 @pytest.mark.parametrize(
     "case", EXPERT_CASES, ids=lambda c: "d{}-h{}-e{}-k{}-t{}-b{}-g{}".format(*c)
 )
-def test_expert_kernels_match_reference(case, monkeypatch):
+def test_expert_kernels_match_reference(case):
     dims, hidden, num_experts, top_k, tokens, bits, group_size = case
     block = make_block(dims, hidden, num_experts, top_k, bits, group_size, mx.bfloat16, seed=tokens)
     x = mx.random.normal((tokens, dims)).astype(mx.bfloat16)
@@ -308,11 +459,13 @@ def test_expert_kernels_match_reference(case, monkeypatch):
     sw = block.switch_mlp
     assert kernels.experts_covered(sw, x, top_k)
     exact = experts64(block, x, indices, scores)
-    sw.kernels = "0"
+    sw.kernel_plan = OFF
     reference = sw(x, indices, scores)
-    sw.kernels = "1"
-    out = sw(x, indices, scores)
-    out_res = sw(x, indices, scores, residual=residual)
+    sw.kernel_plan = forced(experts=True)
+    with counted_launches() as launches:
+        out = sw(x, indices, scores)
+        out_res = sw(x, indices, scores, residual=residual)
+    assert launches == {"moe_gate_up": 2, "moe_down": 2}, launches
     err_kernel, err_ref = rel_err(out, exact), rel_err(reference, exact)
     res64 = np.array(residual.astype(mx.float32), dtype=np.float64)
     err_res = rel_err(out_res, exact + res64)
@@ -340,7 +493,7 @@ def test_router_kernel_matches_reference(case, normalize):
     block = make_block(dims, 128, num_experts, top_k, bits, group_size, mx.bfloat16, seed=tokens)
     block.norm_topk_prob = normalize
     x = mx.random.normal((tokens, dims)).astype(mx.bfloat16)
-    block.kernels = "0"
+    block.kernel_plan = OFF
     ref_idx, ref_scores = block.route(x)
     logits = np.array(block.gate(x).astype(mx.float32))
     gate = block.gate
@@ -348,8 +501,10 @@ def test_router_kernel_matches_reference(case, normalize):
         np.array(x.astype(mx.float32), np.float64)
         @ dequantize64(gate.weight, gate.scales, gate.biases, gate.group_size, gate.bits).T
     )
-    block.kernels = "1"
-    idx, scores = block.route(x)
+    block.kernel_plan = forced(router=True)
+    with counted_launches() as launches:
+        idx, scores = block.route(x)
+    assert launches == {"moe_router": 1}, launches
     assert idx.dtype == mx.uint32 and idx.shape == (tokens, top_k)
     ref_idx, idx = np.array(ref_idx), np.array(idx)
     ref_scores = np.array(ref_scores.astype(mx.float32))
@@ -433,10 +588,10 @@ def test_split_router_equals_one_threadgroup_per_token(tokens, monkeypatch):
     block = make_block(2048, 128, 128, 8, 8, 64, mx.bfloat16, seed=tokens)
     norm = nn.RMSNorm(2048, eps=1e-6)
     x = mx.random.normal((tokens, 1, 2048)).astype(mx.bfloat16)
-    monkeypatch.setattr(kernels, "ROUTER_SPLIT", 1)
+    monkeypatch.setattr(tuning, "ROUTER_SPLIT", 1)
     want = kernels.moe_router(x, block.gate, 8, True, norm=norm)
     mx.eval(want)
-    monkeypatch.setattr(kernels, "ROUTER_SPLIT", 8)
+    monkeypatch.setattr(tuning, "ROUTER_SPLIT", 8)
     counters = kernels.tickets(block.gate)
     before = np.array(counters)
     for _ in range(3):  # the counters keep counting; each launch must still pick correctly
@@ -458,14 +613,19 @@ def test_split_prologue_equals_one_threadgroup_per_head(tokens, monkeypatch):
     layer = _wide_layer(n_heads=32)
     x = mx.random.normal((tokens, 1, 2048)).astype(mx.bfloat16)
     offset = mx.arange(tokens, dtype=mx.int32) * 53 + 9
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
-    monkeypatch.setattr(kernels, "PROLOGUE_SPLIT", 1)
-    want = layer.start(x, offset)
-    mx.eval(want)
-    monkeypatch.setattr(kernels, "PROLOGUE_SPLIT", 4)
+    kernels.use_plan(layer, every_kernel())
+    monkeypatch.setattr(tuning, "PROLOGUE_SPLIT", 1)
+    with counted_launches() as launches:
+        want = layer.start(x, offset)
+        mx.eval(want)
+    assert launches == {"attn_prologue": 1}, launches
+    monkeypatch.setattr(tuning, "PROLOGUE_SPLIT", 4)
+    assert attention_kernels._prologue_shape(128)[0] == (4 if kernels.backend() == "cuda" else 1)
     for _ in range(3):
-        got = layer.start(x, offset)
-        mx.eval(got)
+        with counted_launches() as launches:
+            got = layer.start(x, offset)
+            mx.eval(got)
+        assert launches == {"attn_prologue": 1}, launches
         for g, w in zip(got, want, strict=True):
             assert mx.array_equal(g, w).item()
 
@@ -475,7 +635,7 @@ def test_split_prologue_equals_one_threadgroup_per_head(tokens, monkeypatch):
 @pytest.mark.parametrize("seq", [1, 5])
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("yarn", [False, True])
-def test_qk_norm_rope_kernel_matches_reference(seq, per_row, yarn, monkeypatch):
+def test_qk_norm_rope_kernel_matches_reference(seq, per_row, yarn):
     from qwen3_mlx.config import ModelArgs
     from qwen3_mlx.model import Attention
 
@@ -495,18 +655,18 @@ def test_qk_norm_rope_kernel_matches_reference(seq, per_row, yarn, monkeypatch):
     batch = 3
     x = mx.random.normal((batch, seq, 512)).astype(mx.bfloat16)
     offset = mx.array([5, 900, 30000], dtype=mx.int32) if per_row else 1234
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
-    ref = attn.project(x, offset)
-    # Forced on: under "auto" a backend the kernels are not yet verified on would compare the
-    # reference with itself.
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
-    launches = []
-    launch = kernels.qk_norm_rope
-    monkeypatch.setattr(
-        kernels, "qk_norm_rope", lambda *a, **k: launches.append(1) or launch(*a, **k)
-    )
-    out = attn.project(x, offset)
-    assert launches, "the kernel did not run"
+    attn.kernel_plan = OFF
+    with counted_launches() as launches:
+        ref = attn.project(x, offset)
+        mx.eval(ref)
+    assert not launches, launches
+    # Forced on: under "auto" a device where the kernel has not passed its check would
+    # compare the reference with itself.
+    attn.kernel_plan = forced(rope=True)
+    with counted_launches() as launches:
+        out = attn.project(x, offset)
+        mx.eval(out)
+    assert launches == {"qk_norm_rope": 1}, f"the kernel did not run: {launches}"
     errs = [
         rel_err(o, np.array(r.astype(mx.float32), dtype=np.float64))
         for o, r in zip(out, ref, strict=True)
@@ -560,12 +720,12 @@ def test_linear_kernel_matches_reference(tokens, bits, group_size):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("tokens", [2, 7])
-def test_attention_prologue_token_groups(tokens, monkeypatch):
+def test_attention_prologue_token_groups(tokens):
     """Width 2048: three tokens share each weight load, so 7 tokens leave a partial group."""
     layer = _wide_layer(n_heads=16)
     x = mx.random.normal((tokens, 1, 2048)).astype(mx.bfloat16)
     offset = mx.arange(3, 3 + tokens, dtype=mx.int32) * 37
-    out, ref = _both(lambda: layer.start(x, offset), monkeypatch)
+    out, ref = _both(layer, lambda: layer.start(x, offset), {"attn_prologue": 1})
     errs = [
         rel_err(o, np.array(r.astype(mx.float32), np.float64))
         for o, r in zip(out, ref, strict=True)
@@ -580,13 +740,20 @@ def test_attention_prologue_token_groups(tokens, monkeypatch):
 @pytest.mark.parametrize("dense", [False, True], ids=["moe", "dense"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_model_logits_kernels_on_vs_off(dtype, batch, dense, monkeypatch):
+def test_model_logits_kernels_on_vs_off(dtype, batch, dense):
     model, _ = tiny_model(dtype, dense=dense)
     tokens = np.random.default_rng(batch).integers(0, 512, (batch, 20))
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
-    off = run_tokens(model, tokens, steps=8)
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
-    on = run_tokens(model, tokens, steps=8)
+    model.use_kernels("0")
+    with counted_launches() as launches:
+        off = run_tokens(model, tokens, steps=8)
+    assert not launches, launches
+    model.use_kernels("1")
+    with counted_launches() as launches:
+        on = run_tokens(model, tokens, steps=8)
+    # Decode steps: prologue, o_proj (linear), the MoE or dense MLP kernels; the lm_head
+    # (linear) from 2 rows. Short caches leave attention to MLX.
+    ffn = {"moe_gate_up", "linear"} if dense else {"moe_router", "moe_gate_up", "moe_down"}
+    assert {"attn_prologue", "linear"} | ffn <= set(launches), launches
     err = rel_err(on, off.astype(np.float64))
     agree = float((on.argmax(-1) == off.argmax(-1)).mean())
     if dtype == mx.float32:
@@ -597,7 +764,7 @@ def test_model_logits_kernels_on_vs_off(dtype, batch, dense, monkeypatch):
     # every step), so judge each against the same weights upcast to float32 (exactly).
     truth_model, _ = tiny_model(dtype, dense=dense)
     truth_model.set_dtype(mx.float32)
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
+    truth_model.use_kernels("0")
     truth = run_tokens(truth_model, tokens, steps=8).astype(np.float64)
     err_on, err_off = rel_err(on, truth), rel_err(off, truth)
     report("model_logits", dtype=str(dtype), batch=batch, dense=dense, rel=err, agree=agree,
@@ -613,10 +780,17 @@ def test_tied_embedding_logits_kernel(monkeypatch):
     model, _ = tiny_model(mx.float32, dense=True, tied=True)
     assert type(model.model.embed_tokens) is nn.QuantizedEmbedding and "lm_head" not in model
     tokens = np.random.default_rng(7).integers(0, 512, (4, 20))
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
+    model.use_kernels("0")
     off = run_tokens(model, tokens, steps=8)
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
-    on = run_tokens(model, tokens, steps=8)
+    model.use_kernels("1")
+    heads = []
+    logits = kernels.logits
+    monkeypatch.setattr(kernels, "logits", lambda head, h: heads.append(head) or logits(head, h))
+    with counted_launches() as launches:
+        on = run_tokens(model, tokens, steps=8)
+    # The head through the kernel at each decode step (the 48-row prefill is left to MLX).
+    assert len(heads) == 8 and all(h is model.model.embed_tokens for h in heads)
+    assert launches["linear"] >= 8, launches
     err = rel_err(on, off.astype(np.float64))
     report("tied_logits", rel=err)
     assert err < 1e-4
@@ -657,13 +831,19 @@ def _layer(bits: int, group_size: int, dims: int = 512, moe: bool = True, yarn: 
     return layer
 
 
-def _both(fn, monkeypatch):
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
-    ref = fn()
-    mx.eval(ref)
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
-    out = fn()
-    mx.eval(out)
+def _both(layer, fn, launched: dict[str, int]):
+    """fn() on the reference ops, then with every kernel of `layer` forced on: (out, ref).
+    `launched`: the launches the kernel side must make, by kernel."""
+    kernels.use_plan(layer, OFF)
+    with counted_launches() as launches:
+        ref = fn()
+        mx.eval(ref)
+    assert not launches, launches
+    kernels.use_plan(layer, every_kernel())
+    with counted_launches() as launches:
+        out = fn()
+        mx.eval(out)
+    assert launches == launched, launches
     return out, ref
 
 
@@ -674,12 +854,12 @@ LAYER_CASES = [(4, 64, 1, False), (8, 32, 3, True), (4, 128, 2, False), (8, 64, 
 @gpu
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "b{}-g{}-L{}-yarn{}".format(*c))
 @pytest.mark.parametrize("per_row", [False, True])
-def test_attention_prologue_matches_reference(case, per_row, monkeypatch):
+def test_attention_prologue_matches_reference(case, per_row):
     bits, group_size, seq, yarn = case
     layer = _layer(bits, group_size, yarn=yarn)
     x = mx.random.normal((3, seq, 512)).astype(mx.bfloat16)
     offset = mx.array([7, 700, 20000], mx.int32) if per_row else mx.array(321, mx.int32)
-    out, ref = _both(lambda: layer.start(x, offset), monkeypatch)
+    out, ref = _both(layer, lambda: layer.start(x, offset), {"attn_prologue": 1})
     errs = [
         rel_err(o, np.array(r.astype(mx.float32), np.float64))
         for o, r in zip(out, ref, strict=True)
@@ -693,7 +873,7 @@ def test_attention_prologue_matches_reference(case, per_row, monkeypatch):
 @gpu
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "b{}-g{}-T{}-yarn{}".format(*c))
 @pytest.mark.parametrize("moe", [True, False], ids=["moe", "dense"])
-def test_layer_finish_matches_reference(case, moe, monkeypatch):
+def test_layer_finish_matches_reference(case, moe):
     """o_proj + residual, then the (norm-folded) MoE block or dense MLP."""
     bits, group_size, tokens, _ = case
     # A token whose k-th and (k+1)-th router logits are within bf16 rounding of each other
@@ -707,7 +887,12 @@ def test_layer_finish_matches_reference(case, moe, monkeypatch):
         keep = ~_near_ties(layer, attn, x) if moe else np.ones(tokens, bool)
         if keep.any():
             break
-    out, ref = _both(lambda: layer.finish(attn, x), monkeypatch)
+    # o_proj + residual (linear), then the router (norm folded in), gate+up, down + sum; or the
+    # dense MLP's gate+up and down (linear).
+    launched = {"linear": 1, "moe_router": 1, "moe_gate_up": 1, "moe_down": 1}
+    out, ref = _both(
+        layer, lambda: layer.finish(attn, x), launched if moe else {"linear": 2, "moe_gate_up": 1}
+    )
     assert out.shape == ref.shape
     got = np.array(out[0].astype(mx.float32))[keep]
     err = rel_err(got, np.array(ref[0].astype(mx.float32), np.float64)[keep])
@@ -735,8 +920,8 @@ def test_decode_attention_coverage(monkeypatch):
         1, 1, 2, 4, 32, 32, 32,
     ]  # fmt: skip
     # Counters wrap at 2^32: the per-launch step must divide it; the merge has a lane per split.
-    assert kernels.ATTENTION_MAX_SPLITS & (kernels.ATTENTION_MAX_SPLITS - 1) == 0
-    assert kernels.ATTENTION_MAX_SPLITS <= 32
+    assert tuning.ATTENTION_MAX_SPLITS & (tuning.ATTENTION_MAX_SPLITS - 1) == 0
+    assert tuning.ATTENTION_MAX_SPLITS <= 32
 
     def views(cache, heads=16, kv_heads=2, head_dim=128, length=40, batch=1):
         kv = mx.zeros((batch, kv_heads, length, head_dim))
@@ -744,36 +929,39 @@ def test_decode_attention_coverage(monkeypatch):
         return mx.zeros((batch, heads, 1, head_dim)), keys, values
 
     # Threadgroup memory: Apple GPUs have 32 KB, CUDA's static shared memory 48 KB.
-    monkeypatch.setattr(kernels, "backend", lambda: "metal")
-    assert kernels._attention_threads(8, 128) == 128 and kernels._attention_threads(2, 128) == 256
-    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
-    assert kernels._attention_threads(8, 128) == 256 and kernels._attention_threads(8, 256) == 128
+    threads = attention_kernels._attention_threads
+    with kernels.launched_by(refuse_launch, "metal"):
+        assert threads(8, 128) == 128 and threads(2, 128) == 256
+    with kernels.launched_by(refuse_launch, "cuda"):
+        assert threads(8, 128) == 256 and threads(8, 256) == 128
     covered = kernels.decode_attention_covered
     cache = KVCache()
     q, k, v = views(cache)
-    monkeypatch.setattr(kernels, "backend", lambda: "metal")  # no hand-off: MLX's attention
-    monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1)
-    assert not covered(q, k, v, None, cache)
-    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
-    assert covered(q, k, v, None, cache)
-    monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1024)
-    assert not covered(q, k, v, None, cache)  # short caches stay on MLX's attention
-    monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1)
-    assert covered(q, k, v, None, cache)
-    assert not covered(q, k, v, "causal", cache)
-    assert not covered(mx.zeros((1, 16, 2, 128)), k, v, None, cache)  # two queries
-    assert not covered(q.astype(mx.bfloat16), k, v, None, cache)  # mixed dtypes
-    cache = KVCache()
-    assert not covered(*views(cache, head_dim=64), None, cache)
-    cache = KVCache()
-    assert not covered(*views(cache, heads=6, kv_heads=4), None, cache)
-    cache = KVCache()
-    assert not covered(*views(cache, heads=8, kv_heads=8), None, cache)  # 1 per KV head: unrun
-    cache = RotatingKVCache(max_size=64)
-    assert not covered(*views(cache), None, cache)
-    cache = QuantizedKVCache()
-    q, k, v = views(cache)
-    assert not covered(q, k, v, None, cache)
+    monkeypatch.setattr(tuning, "ATTENTION_MIN_KEYS", 1)
+    with kernels.launched_by(refuse_launch, "metal"):  # no hand-off: MLX's attention
+        assert not covered(q, k, v, None, cache)
+    with kernels.launched_by(refuse_launch, "cuda"):
+        assert covered(q, k, v, None, cache)
+        monkeypatch.setattr(tuning, "ATTENTION_MIN_KEYS", 1024)
+        assert not covered(q, k, v, None, cache)  # short caches stay on MLX's attention
+        monkeypatch.setattr(tuning, "ATTENTION_MIN_KEYS", 1)
+        assert covered(q, k, v, None, cache)
+        assert not covered(q, k, v, "causal", cache)
+        assert not covered(mx.zeros((1, 16, 2, 128)), k, v, None, cache)  # two queries
+        assert not covered(q.astype(mx.bfloat16), k, v, None, cache)  # mixed dtypes
+        cache = KVCache()
+        assert covered(*views(cache), None, cache)  # a fresh cache of the same shape
+        cache = KVCache()
+        assert not covered(*views(cache, head_dim=64), None, cache)
+        cache = KVCache()
+        assert not covered(*views(cache, heads=6, kv_heads=4), None, cache)
+        cache = KVCache()
+        assert not covered(*views(cache, heads=8, kv_heads=8), None, cache)  # 1 per KV head
+        cache = RotatingKVCache(max_size=64)
+        assert not covered(*views(cache), None, cache)
+        cache = QuantizedKVCache()
+        q, k, v = views(cache)
+        assert not covered(q, k, v, None, cache)
 
 
 def _filled_cache(batch, kv_heads, head_dim, length, dtype, seed):
@@ -813,8 +1001,8 @@ def test_decode_attention_matches_sdpa(shape, dtype, batch, monkeypatch):
     take 1 to 32 splits, one after another on the same arrival counters (the split count
     changes between launches)."""
     heads, kv_heads, head_dim = shape
-    monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1)
-    monkeypatch.setattr(kernels, "ATTENTION_CHECKED_GROUPS", (heads // kv_heads,))
+    monkeypatch.setattr(tuning, "ATTENTION_MIN_KEYS", 1)
+    monkeypatch.setattr(tuning, "ATTENTION_CHECKED_GROUPS", (heads // kv_heads,))
 
     class Owner:  # the call site the counters belong to
         pass
@@ -841,18 +1029,20 @@ def test_model_logits_decode_attention_on_vs_off(batch, monkeypatch):
     """Whole model (head_dim 128 as in every Qwen3), a 70-token prompt then 8 decode steps
     (3 splits), with the decode attention kernel against MLX's attention."""
     model, _ = tiny_model(mx.float32, head_dim=128)
-    monkeypatch.setattr(kernels, "ATTENTION_MIN_KEYS", 1)
+    monkeypatch.setattr(tuning, "ATTENTION_MIN_KEYS", 1)
     tokens = np.random.default_rng(batch).integers(0, 512, (batch, 78))
-    calls = []
-    original = kernels.decode_attention
-    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or original(*a))
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
-    monkeypatch.setenv("QWEN3_MLX_ATTENTION_KERNEL", "0")
-    off = run_tokens(model, tokens, steps=8)
-    assert not calls
-    monkeypatch.setenv("QWEN3_MLX_ATTENTION_KERNEL", "1")
-    on = run_tokens(model, tokens, steps=8)
-    assert len(calls) == 8 * len(model.layers)
+    everything = every_kernel()
+    assert model.use_kernels(KernelOptions(kernels="1", attention=False)) == everything.without(
+        "attention"
+    )
+    with counted_launches() as launches:
+        off = run_tokens(model, tokens, steps=8)
+    assert "decode_attention" not in launches and launches, launches
+    assert model.use_kernels("1") == everything
+    with counted_launches() as launches:
+        on = run_tokens(model, tokens, steps=8)
+    # Called outside the compiled steps: one launch per layer and decode step.
+    assert launches["decode_attention"] == 8 * len(model.layers), launches
     err = rel_err(on, off.astype(np.float64))
     report("model_logits_decode_attention", batch=batch, rel=err)
     assert err < 1e-4

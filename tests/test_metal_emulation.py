@@ -5,9 +5,10 @@ No Mac here: tests/metal_emulation/ writes each kernel's source as MLX's metal_k
 names), compiles it against a C++ emulation of the Metal vocabulary (metal_shim.h) - once
 with Metal's address spaces as clang address spaces (type check), once to run - and runs
 each threadgroup on one OS thread per GPU thread (real barriers, 32-lane SIMD groups,
-threadgroups in a shuffled order). `kernels._run` is swapped for the emulator and
-`kernels.backend` reports "metal", so the launch functions of kernels.py choose the Metal
-launch shapes; results are compared with the reference ops on MLX's CPU backend.
+threadgroups in a shuffled order). Launches go to the emulator (`kernels.launched_by`, which
+also makes the launch functions choose the Metal launch shapes) and the model's modules run
+every kernel (class-level plans); results are compared with the reference ops on MLX's CPU
+backend.
 Set QWEN3_MLX_KERNEL_REPORT=path to log the measured errors.
 """
 
@@ -22,6 +23,9 @@ import numpy as np
 import pytest
 
 from qwen3_mlx import kernels
+from qwen3_mlx.kernels import OFF, KernelPlan, build, tuning
+from qwen3_mlx.model import MLP, Attention, DecoderLayer, Model, Qwen3Model
+from qwen3_mlx.moe import Experts, SparseMoeBlock
 from tests.metal_emulation import emulate
 
 pytestmark = pytest.mark.skipif(
@@ -49,6 +53,20 @@ def max_abs(out, ref) -> float:
     return float(np.abs(f64(out) - f64(ref)).max())
 
 
+# Every module class that reads a plan; the tests build modules on their own, so the plan is
+# set on the classes.
+PLANNED = (Attention, MLP, DecoderLayer, Qwen3Model, Model, SparseMoeBlock, Experts)
+ALL_ON = KernelPlan(
+    backend="metal", norm=True, rope=True, prologue=True, linear=True, dense_mlp=True,
+    attention=True, router=True, experts=True,
+)  # fmt: skip
+
+
+def _use(monkeypatch, plan: KernelPlan) -> None:
+    for cls in PLANNED:
+        monkeypatch.setattr(cls, "kernel_plan", plan)
+
+
 @pytest.fixture
 def metal(monkeypatch):
     """Kernels on, the Metal backend's launch shapes, launches through the emulator."""
@@ -57,20 +75,19 @@ def metal(monkeypatch):
     path = os.environ.get("QWEN3_MLX_METAL_PRELUDE")
     prelude = open(path).read() if path else None
     emulator = emulate.Emulator(seed=12345, prelude=prelude)
-    monkeypatch.setattr(kernels, "_run", emulator)
-    monkeypatch.setattr(kernels, "backend", lambda: "metal")
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
-    return emulator
+    _use(monkeypatch, ALL_ON)
+    with kernels.launched_by(emulator, "metal"):
+        yield emulator
 
 
 def _reference(monkeypatch, fn):
-    monkeypatch.setenv("QWEN3_MLX_KERNELS", "0")
+    _use(monkeypatch, OFF)
     try:
         out = fn()
         mx.eval(out)
         return out
     finally:
-        monkeypatch.setenv("QWEN3_MLX_KERNELS", "1")
+        _use(monkeypatch, ALL_ON)
 
 
 def _launched(emulator, name: str) -> int:
@@ -205,7 +222,7 @@ def test_moe_router(metal, monkeypatch, case):
     MLX's CPU quantized matmul in bf16 is itself ~2% off, more than the kernel."""
     dims, experts, top_k, tokens, bits, group_size, normalize, norm_in, split = case
     if split:  # Metal keeps one threadgroup per token (unvalidated hand-off); try it anyway
-        monkeypatch.setattr(kernels, "SPLIT_BACKENDS", ("cuda", "metal"))
+        monkeypatch.setattr(tuning, "SPLIT_BACKENDS", ("cuda", "metal"))
     seed = tokens + experts
     block = _block(dims, 128, experts, top_k, bits, group_size, seed)
     x = (2 * mx.random.normal((tokens, 1, dims))).astype(mx.bfloat16)
@@ -226,7 +243,7 @@ def test_moe_router(metal, monkeypatch, case):
     launch, bufs = metal.launches[-1]
     logits = f64(emulate.to_array(bufs[-1], *launch.outputs[3]))
     groups = launch.grid[0] // launch.threadgroup[0]
-    assert groups == (kernels.ROUTER_SPLIT if split else 1)
+    assert groups == (tuning.ROUTER_SPLIT if split else 1)
     if split:  # each token's counter advanced by the split, the others untouched
         tickets = np.frombuffer(bufs[[n for _, n in launch.buffers].index("tickets")], np.uint32)
         assert (tickets[:tokens] == groups).all() and (tickets[tokens:] == 0).all()
@@ -361,7 +378,7 @@ PROLOGUE_CASES = [
 def test_attn_prologue(metal, monkeypatch, case):
     bits, group_size, batch, seq, split = case
     if split > 1:  # Metal keeps one threadgroup per head (unvalidated hand-off); try it anyway
-        monkeypatch.setattr(kernels, "SPLIT_BACKENDS", ("cuda", "metal"))
+        monkeypatch.setattr(tuning, "SPLIT_BACKENDS", ("cuda", "metal"))
     layer = _attention(batch + bits, bits=bits, group_size=group_size)
     x = mx.random.normal((batch, seq, 256)).astype(mx.bfloat16)
     offset = mx.arange(batch, dtype=mx.int32) * 53 + 9
@@ -440,15 +457,15 @@ def test_decode_attention(metal, heads, kv_heads, length, dtype):
 def test_a_broken_prelude_is_caught(metal, monkeypatch):
     """shuffle_xor mapped to simd_shuffle (lane m's value instead of lane ^ m's): the router's
     top-k picks go wrong, and the emulation says so."""
-    prelude = (kernels.SOURCE_DIR / "prelude.metal.h").read_text()
+    prelude = (build.SOURCE_DIR / "prelude.metal.h").read_text()
     broken = prelude.replace("simd_shuffle_xor(v, ushort(m))", "simd_shuffle(v, ushort(m))")
     assert broken.count("simd_shuffle(v, ushort(m))") == 2
     dims, experts, top_k, tokens = 256, 32, 4, 2
     block = _block(dims, 128, experts, top_k, 4, 64, seed=3)
     x = (2 * mx.random.normal((tokens, 1, dims))).astype(mx.bfloat16)
     good = kernels.moe_router(x, block.gate, top_k, True)
-    monkeypatch.setattr(kernels, "_run", emulate.Emulator(seed=1, prelude=broken))
-    bad = kernels.moe_router(x, block.gate, top_k, True)
+    with kernels.launched_by(emulate.Emulator(seed=1, prelude=broken), "metal"):
+        bad = kernels.moe_router(x, block.gate, top_k, True)
     ref_idx, _ = _reference(monkeypatch, lambda: block.route(x))
     same = lambda a: [set(r) for r in np.array(a).reshape(tokens, -1).tolist()]  # noqa: E731
     assert same(good[0]) == same(ref_idx)
@@ -458,7 +475,7 @@ def test_a_broken_prelude_is_caught(metal, monkeypatch):
 def test_strict_address_spaces_catch_a_wrong_pointer():
     """The type check is strict: a prelude whose take_ticket wants a threadgroup pointer
     (the kernels pass it a device one) does not compile, as it would not under Metal."""
-    prelude = (kernels.SOURCE_DIR / "prelude.metal.h").read_text()
+    prelude = (build.SOURCE_DIR / "prelude.metal.h").read_text()
     broken = prelude.replace(
         "take_ticket(const device uint32_t* counter",
         "take_ticket(const threadgroup uint32_t* counter",

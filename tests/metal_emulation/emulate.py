@@ -15,8 +15,8 @@ the running threadgroup; threadgroups run one at a time), and an `emu_entry` cal
 kernel for one thread. `check_strict` compiles it with clang address spaces (-fsyntax-only);
 `run` links it with runtime.cpp and runs it on one OS thread per GPU thread.
 
-`emulated_run` is a drop-in for `qwen3_mlx.kernels._run`: monkeypatch it (and
-`kernels.backend` -> "metal") and the launch functions of kernels.py run the Metal sources.
+An `Emulator` is a launcher: under `qwen3_mlx.kernels.launched_by(emulator, "metal")` the
+launch functions of qwen3_mlx.kernels run the Metal sources here.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from qwen3_mlx import kernels
+from qwen3_mlx.kernels import build as kernel_build
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(
@@ -365,14 +365,14 @@ class Launch:
 def prepare(
     name, inputs, template, grid, threadgroup, output_shapes, output_dtypes, prelude=None
 ) -> Launch:
-    """The launch `kernels._run(name, ...)` would make, as source + buffers."""
-    header, body = kernels.kernel_source(name, "metal", kernels.KERNEL_COMMENTS)
+    """The launch `build.run(name, ...)` would make, as source + buffers."""
+    header, body = kernel_build.kernel_source(name, "metal")
     if prelude is not None:  # a replacement prelude.metal.h text (the deliberate-break test)
         head, prefix = prelude.split("// ---- body prefix ----\n")
-        header = head + (kernels.SOURCE_DIR / "common.h").read_text()
-        body = prefix + (kernels.SOURCE_DIR / f"{name}.inc").read_text()
-    input_names, output_names = kernels.SPECS[name]
-    row_contiguous = name not in kernels.STRIDED_INPUTS
+        header = head + (kernel_build.SOURCE_DIR / "common.h").read_text()
+        body = prefix + (kernel_build.SOURCE_DIR / f"{name}.inc").read_text()
+    input_names, output_names = kernel_build.SPECS[name]
+    row_contiguous = name not in kernel_build.STRIDED_INPUTS
     infos = [input_info(a, row_contiguous) for a in inputs]
     mlx_src, func, buffers = metal_source(
         f"qwen3_mlx_{name}", header, body, input_names, infos, output_names, output_dtypes, template
@@ -454,7 +454,8 @@ _strict_checked: set = set()
 
 
 class Emulator:
-    """Stands in for kernels._run; records every launch (and the buffers after it)."""
+    """A launcher (see `qwen3_mlx.kernels.launched_by`); records every launch (and the buffers
+    after it)."""
 
     def __init__(self, seed: int = 0, prelude: str | None = None, strict: bool = True):
         self.seed = seed
