@@ -13,13 +13,15 @@ What the document says only in words is left to a hook (`before_call`, this modu
 schemathesis with SCHEMATHESIS_HOOKS), which makes each schema-valid request also: name, in a
 named `tool_choice`, a function of its `tools` (JSON Schema can't relate the two); ask for no
 more rows than --max-queue (`n` times the prompts: JSON Schema bounds each, not the product);
-and give tools parameters that are valid JSON Schema (the document states the keywords tools
-mostly use, not JSON Schema's whole meta-schema). The server's context is made long enough for
-any generated prompt (the prompt fitting the context is said only in words too).
+give tools parameters that are valid JSON Schema (the document states the keywords tools
+mostly use, not JSON Schema's whole meta-schema); and on Ollama's routes name the loaded chat
+model. Ollama's streams (JSON lines) are read by `json_lines`. The server's context is made long
+enough for any generated prompt (the prompt fitting the context is said only in words too).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +29,9 @@ from pathlib import Path
 
 import pytest
 
+from qwen3_mlx.server.models import DEMO_MODEL_ID
 from qwen3_mlx.server.protocol import tool_parameters
+from qwen3_mlx.server.routes_ollama import is_ollama
 
 MAX_TOKENS = 16
 MAX_QUEUE = 16
@@ -59,16 +63,34 @@ def before_call(ctx, case, kwargs) -> None:
                     tool_parameters(holder[key])
                 except ValueError:  # valid JSON Schema: the document says so, doesn't spell it
                     holder[key] = {"type": "object"}
+    if is_ollama(case.operation.path) and "model" in body:
+        # Ollama's routes serve the loaded models' names only (any other is a 404, which the
+        # document allows): name the chat model, so that requests generate.
+        body["model"] = DEMO_MODEL_ID
     prompt, n = body.get("prompt"), body.get("n", 1)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if isinstance(n, int | float) and len(prompt) * n > MAX_QUEUE:
             body["n"] = max(1, MAX_QUEUE // len(prompt))
 
 
+def json_lines(ctx, response):
+    """Ollama's streams (`application/x-ndjson`): every line a JSON object, the last one the
+    record marked `done` (or an error), which is what the response schema is checked against
+    (OpenAPI 3.1 has no schema for a stream's items)."""
+    records = [json.loads(line) for line in response.content.decode("utf-8").splitlines() if line]
+    if not records or not all(isinstance(r, dict) for r in records):
+        raise ValueError("a stream of JSON objects, one per line, was expected")
+    *steps, last = records
+    if any(r.get("done") is not False for r in steps) or not (last.get("done") or "error" in last):
+        raise ValueError("every record but the last must say done: false, the last done: true")
+    return last
+
+
 if os.environ.get("SCHEMATHESIS_HOOKS") == HOOKS:  # imported by schemathesis, not by pytest
     import schemathesis
 
     schemathesis.hook(before_call)
+    schemathesis.deserializer("application/x-ndjson")(json_lines)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +122,9 @@ def schema_server(demo_model_dir, tmp_path_factory):
     server.stop()
 
 
-def schemathesis_run(server, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def schemathesis_run(
+    server, *args: str, paths: str = "^/(v1|api/v0)/", timeout: float = 600
+) -> subprocess.CompletedProcess:
     pytest.importorskip("schemathesis")
     root = Path(__file__).resolve().parents[1]
     env = {
@@ -111,7 +135,7 @@ def schemathesis_run(server, *args: str, timeout: float = 600) -> subprocess.Com
     command = [
         *(sys.executable, "-m", "schemathesis.cli", "run", server.base + "/openapi.json"),
         *("--checks", "all"),
-        *("--include-path-regex", "^/(v1|api/v0)/"),
+        *("--include-path-regex", paths),
         "--generation-deterministic",
         *("--suppress-health-check", "all"),
         *("--request-timeout", "20"),
@@ -157,6 +181,18 @@ def test_openapi_states_what_the_lmstudio_routes_do(schema_server):
     assert_no_failures(result, schema_server)
 
 
+def test_openapi_states_what_the_ollama_routes_do(schema_server):
+    """Ollama's /api/chat, /api/generate, /api/tags, /api/show, /api/ps and /api/version: their
+    requests, their records (streamed by default, read by `json_lines`) and their errors."""
+    result = schemathesis_run(
+        schema_server,
+        *("--phases", "coverage,fuzzing"),
+        *("--max-examples", "20"),
+        paths="^/api/(?!v0/)",
+    )
+    assert_no_failures(result, schema_server)
+
+
 def test_openapi_documents_the_server_limits(schema_server):
     """The bounds that depend on how the server runs are this server's, and no 422 (validation
     errors are 400) is promised."""
@@ -180,12 +216,20 @@ def test_openapi_documents_the_server_limits(schema_server):
             assert {"401", "403", "413"} <= set(responses), (method, path)
             if method == "post":
                 assert {"400", "404"} <= set(responses), (method, path)
-                error = "AnthropicErrorResponse" if "/messages" in path else "ErrorResponse"
+                error = (
+                    "AnthropicErrorResponse"
+                    if "/messages" in path
+                    else "OllamaErrorResponse"
+                    if is_ollama(path)
+                    else "ErrorResponse"
+                )
                 assert responses["400"]["content"]["application/json"]["schema"] == {
                     "$ref": f"#/components/schemas/{error}"
                 }
             if path.endswith(("/chat/completions", "/completions", "/responses", "/messages")):
                 assert "text/event-stream" in responses["200"]["content"], path
+            if path in ("/api/chat", "/api/generate"):  # Ollama streams JSON lines
+                assert "application/x-ndjson" in responses["200"]["content"], path
 
 
 def test_constrained_top_logprobs(schema_server):

@@ -1,11 +1,12 @@
-"""The FastAPI app: OpenAI's `/v1` API, LM Studio's `/api/v0` and Anthropic's `/v1/messages`
-over the engine.
+"""The FastAPI app: OpenAI's `/v1` API, LM Studio's `/api/v0`, Anthropic's `/v1/messages` and
+Ollama's `/api/chat`, `/api/generate`… over the engine.
 
 Here: the app's settings, its error handlers (every error leaves as `{"error": {...}}`; client
 mistakes are 4xx, a full queue is 503, and only a bug in this package is a 500), the middleware
 (Host, paths, CORS, API key, body size: guard.py) and /health. The operations and the table that
 serves them under both prefixes are in routes.py, Anthropic's Messages API in routes_anthropic.py
-(whose errors leave in Anthropic's shape); a request's rows run through rows.py.
+and Ollama's API in routes_ollama.py (whose errors leave in their API's shape); a request's rows
+run through rows.py.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .models import ModelNotFound, ModelRegistry
 from .prepare import ApiError
 from .routes import Api, register
 from .routes_anthropic import AnthropicErrors, register_anthropic
+from .routes_ollama import OllamaErrors, register_ollama
 
 log = logging.getLogger("qwen3_mlx.server")
 
@@ -155,12 +157,15 @@ def create_app(
     app.add_middleware(PathNormalizer)
     if settings.bind_host is not None:
         app.add_middleware(HostGuard, policy=HostPolicy(settings.bind_host, settings.allowed_hosts))
-    # Outermost: every error on Anthropic's paths, the guards' too, leaves in Anthropic's shape.
+    # Outermost: every error on Anthropic's and Ollama's paths, the guards' too, leaves in that
+    # API's shape.
     app.add_middleware(AnthropicErrors)
+    app.add_middleware(OllamaErrors)
 
     api = Api(registry, engine, settings)
     register(app, api)
     register_anthropic(app, api)
+    register_ollama(app, api)
 
     # -- health -----------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """What stands between the network and the routes: ASGI middleware and uvicorn's protocol class.
 
-Outermost first (see `create_app`): `HostGuard` (DNS rebinding), `PathNormalizer` (trailing
-slashes, HEAD), CORS, `ApiKeyGuard`, `BodyLimit`. `read_timeout_protocol` is the uvicorn HTTP
+Outermost first (see `create_app`): the `ErrorReshaper`s (Anthropic's and Ollama's error
+shapes on their paths), `HostGuard` (DNS rebinding), `PathNormalizer` (trailing slashes, HEAD),
+CORS, `ApiKeyGuard`, `BodyLimit`. `read_timeout_protocol` is the uvicorn HTTP
 protocol that closes connections whose client stalls while sending a request.
 """
 
@@ -11,6 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import socket
 from collections.abc import Iterable
@@ -66,6 +68,62 @@ class BodyLimit:
             return event
 
         return await self.app(scope, limited_receive, send)
+
+
+class ErrorReshaper:
+    """Rewrite the JSON error responses (`{"error": {...}}`, status ≥ 400) of another API's paths
+    (`matches`) into that API's error shape (`reshape(status, message)`). Added outermost, so
+    the guards' refusals are reshaped too; streams (200) and bodies that hold no error object
+    (a HEAD's empty one) pass untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def matches(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def reshape(self, status: int, message: str) -> dict:
+        raise NotImplementedError
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.matches(scope["path"]):
+            return await self.app(scope, receive, send)
+        held: dict | None = None
+        chunks: list[bytes] = []
+
+        async def reshape(message):
+            nonlocal held
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                if message["status"] >= 400 and headers.get(b"content-type", b"").startswith(
+                    b"application/json"
+                ):
+                    held = message
+                    return
+            if held is None or message["type"] != "http.response.body":
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            reshaped = self._reshaped(held["status"], body)
+            headers = held.get("headers") or []
+            if reshaped is not None:
+                body = reshaped
+                headers = [(k, v) for k, v in headers if k != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+            await send({**held, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, reshape)
+
+    def _reshaped(self, status: int, body: bytes) -> bytes | None:
+        try:
+            message = json.loads(body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        reshaped = self.reshape(status, message)
+        return json.dumps(reshaped, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 # -- Host header (DNS rebinding) -----------------------------------------------------------------

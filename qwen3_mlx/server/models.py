@@ -220,16 +220,21 @@ class ModelRegistry:
     def __len__(self):
         return len(self.models)
 
-    def get(self, name: str | None, kind: str | None = None) -> LoadedModel:
-        candidates = [m for m in self.models.values() if kind is None or m.kind == kind]
+    def find(self, name: str) -> LoadedModel | None:
+        """The model `name` names: exactly, or in a hub-style or case-insensitive spelling."""
         if name in self.models:
             return self.models[name]
-        if name:
-            # Accept the hub-style or case-insensitive spelling of a loaded name.
-            lowered = name.lower()
-            for m in self.models.values():
-                if lowered in (m.id.lower(), m.id.lower().split("/")[-1]):
-                    return m
+        lowered = name.lower()
+        for m in self.models.values():
+            if lowered in (m.id.lower(), m.id.lower().split("/")[-1]):
+                return m
+        return None
+
+    def get(self, name: str | None, kind: str | None = None) -> LoadedModel:
+        candidates = [m for m in self.models.values() if kind is None or m.kind == kind]
+        found = self.find(name) if name else None
+        if found is not None:
+            return found
         if len(self.models) == 1:
             return next(iter(self.models.values()))
         if not name and len(candidates) == 1:

@@ -202,9 +202,10 @@ def server_limits(api: Api) -> dict[str, Callable[[dict], None]]:
 
         return fill
 
-    def not_named(kind: str):
-        # With one model, every name is it; with several, another kind's model is a 400.
-        others = sorted(m.id for m in models if m.kind != kind)
+    def not_named(kind: str, tags: tuple[str, ...] = ()):
+        # With one model, every name is it; with several, another kind's model is a 400 (also
+        # spelled with one of `tags`: Ollama's `name:latest`).
+        others = sorted(m.id + tag for m in models if m.kind != kind for tag in ("", *tags))
 
         def fill(node: dict) -> None:
             if len(models) > 1 and others:
@@ -226,6 +227,7 @@ def server_limits(api: Api) -> dict[str, Callable[[dict], None]]:
             enum=sorted({m.drafting.name for m in models if m.drafting is not None}) or [None]
         ),
         "embeddings-model": not_named("embeddings"),
+        "ollama-llm-model": not_named("llm", (":latest",)),
     }
 
 

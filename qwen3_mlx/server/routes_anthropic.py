@@ -13,13 +13,12 @@ and `anthropic-beta` headers are accepted and not read.
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .anthropic_input import anthropic_to_chat
+from .guard import ErrorReshaper
 from .output.anthropic import MessageBuilder, error_body, error_event
 from .prepare import prepare_chat
 from .protocol import new_id
@@ -141,52 +140,12 @@ def register_anthropic(app: FastAPI, api: Api) -> None:
     app.include_router(router)
 
 
-class AnthropicErrors:
-    """Rewrite the JSON error responses (`{"error": {...}}`, status ≥ 400) of Anthropic's paths
-    into Anthropic's shape, `{"type": "error", "error": {"type": ..., "message": ...}}`. The
-    outermost middleware, so guards' refusals are reshaped too; streams (200) pass untouched."""
+class AnthropicErrors(ErrorReshaper):
+    """Errors on Anthropic's paths in Anthropic's shape,
+    `{"type": "error", "error": {"type": ..., "message": ...}}`."""
 
-    def __init__(self, app):
-        self.app = app
+    def matches(self, path: str) -> bool:
+        return is_anthropic(path)
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not is_anthropic(scope["path"]):
-            return await self.app(scope, receive, send)
-        held: dict | None = None
-        chunks: list[bytes] = []
-
-        async def reshape(message):
-            nonlocal held
-            if message["type"] == "http.response.start":
-                headers = dict(message.get("headers") or [])
-                if message["status"] >= 400 and headers.get(b"content-type", b"").startswith(
-                    b"application/json"
-                ):
-                    held = message
-                    return
-            if held is None or message["type"] != "http.response.body":
-                return await send(message)
-            chunks.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            body = b"".join(chunks)
-            reshaped = _reshaped(held["status"], body)
-            headers = held.get("headers") or []
-            if reshaped is not None:
-                body = reshaped
-                headers = [(k, v) for k, v in headers if k != b"content-length"]
-                headers.append((b"content-length", str(len(body)).encode()))
-            await send({**held, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, reshape)
-
-
-def _reshaped(status: int, body: bytes) -> bytes | None:
-    """The body in Anthropic's shape; None if it is no error object (a HEAD's empty body)."""
-    try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    reshaped = error_body(status, message)
-    return json.dumps(reshaped, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    def reshape(self, status: int, message: str) -> dict:
+        return error_body(status, message)

@@ -128,9 +128,11 @@ class Rows:
         on_finish: Callable[[int, Finished], list[str]],
         on_end: Callable[[list[Finished]], list[str]],
         error_event: Callable[[ApiError | EngineBusy], str] = openai_error_event,
+        media_type: str = "text/event-stream",
     ) -> StreamingResponse:
-        """SSE: `head`, then each event's lines, then (all rows finished) `on_end`'s; an error
-        once the stream began (the status is sent) becomes the API's `error_event`."""
+        """SSE (or, with another `media_type`, the lines as they are: Ollama's JSON lines):
+        `head`, then each event's lines, then (all rows finished) `on_end`'s; an error once the
+        stream began (the status is sent) becomes the API's `error_event`."""
 
         async def body():
             for line in head:
@@ -155,7 +157,7 @@ class Rows:
         # the slots are freed even if the generator above is never resumed.
         return StreamingResponse(
             body(),
-            media_type="text/event-stream",
+            media_type=media_type,
             headers=SSE_HEADERS,
             background=BackgroundTask(self.cancel),
         )

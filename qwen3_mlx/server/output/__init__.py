@@ -9,6 +9,7 @@ clients expect, one module per API:
     completions  /v1/completions: whole replies and chunks, several prompts and `n`, echo
     responses    /v1/responses: the result object and its streaming events
     anthropic    /v1/messages (Anthropic's Messages API): the message, its events, its errors
+    ollama       Ollama's /api/chat and /api/generate records (JSON lines), its model listings
     lmstudio     what /api/v0 adds: stats, model_info, runtime, model cards
     scores       model calls replies need (engine thread): embeddings, an echoed prompt's logprobs
 """

@@ -8,11 +8,11 @@ extras (`user`, `ttl`, Qwen-Agent's `extra` on messages) that must not fail a re
 One module per job: `common` (base classes, Unicode check, error object, bounded types, shared
 validators, usage), `sampling` (the generation knobs chat and completions share, response_format),
 `chat`, `completions`, `embeddings`, `models`, `lmstudio` (LM Studio's additions) and `responses`;
-and `anthropic` (Anthropic's Messages API), imported from its own module: its names (TextBlock,
-ContentBlock, StopReason…) belong to that API alone.
+and `anthropic` (Anthropic's Messages API) and `ollama` (Ollama's API), each imported from its
+own module: their names (TextBlock, ContentBlock, StopReason…) belong to that API alone.
 The OpenAPI document (/openapi.json) is generated from these classes, so the constraints a
 validator enforces are also stated in the JSON Schema of the field (see `common`: what the
-document states). Every name but `anthropic`'s is importable from here
+document states). Every name but `anthropic`'s and `ollama`'s is importable from here
 (`from qwen3_mlx.server.protocol import X`).
 """
 

@@ -131,8 +131,9 @@ MAX_CHOICES = 128
 # out with `json_schema=` (it replaces the generated one; validation is unchanged). A bound that
 # depends on how the server runs carries `x-server-limit`, which `routes.document_server` fills
 # in: "max-tokens" (--max-tokens-limit), "choices" (--max-queue), "token-id" and "token-id-key"
-# (the served models' vocabulary), "llm-model" and "embeddings-model" (the served models' names);
-# and "seed", whose bounds FastAPI would round (its OpenAPI models hold bounds as floats).
+# (the served models' vocabulary), "llm-model", "embeddings-model" and "ollama-llm-model" (the
+# served models' names); and "seed", whose bounds FastAPI would round (its OpenAPI models hold
+# bounds as floats).
 
 SERVER_LIMIT = "x-server-limit"
 

@@ -1,0 +1,199 @@
+"""Ollama's native API: `POST /api/chat`, `POST /api/generate`, `GET /api/tags`, `POST /api/show`,
+`GET /api/ps` and `GET /api/version`.
+
+A chat or generate request is translated into the chat (or text completion) request it amounts
+to (ollama_input), then runs that route's path: `prepare_chat` / `prepare_completion` (template,
+tokens, limits, sampling, grammar, thinking budget), the engine, and output.ollama for the
+records. Ollama streams unless a request says `"stream": false`: JSON lines
+(`application/x-ndjson`), the last with `done: true`.
+
+Model names are Ollama's: a request must name a loaded model (as `/api/tags` lists it, `:latest`
+or not, in any case), else a 404 `model 'x' not found`, as Ollama answers; the OpenAI routes'
+"one model serves every name" doesn't hold here. Errors on `/api/*` (all but LM Studio's
+`/api/v0`), the guards' included, leave in Ollama's shape `{"error": "message"}`
+(`OllamaErrors`). `keep_alive` is accepted and not applied: models stay loaded while the server
+runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from .guard import ErrorReshaper
+from .models import LoadedModel
+from .ollama_input import chat_of, generate_of, ollama_error
+from .output.ollama import NDJSON, Records, entry, error_line, loaded, running, show
+from .prepare import ApiError, check_generates, prepare_chat, prepare_completion
+from .protocol import ChatCompletionRequest
+from .protocol.ollama import (
+    OllamaChatRecord,
+    OllamaChatRequest,
+    OllamaErrorResponse,
+    OllamaGenerateRecord,
+    OllamaGenerateRequest,
+    OllamaModelList,
+    OllamaRunningList,
+    OllamaShowRequest,
+    OllamaShowResponse,
+    OllamaVersion,
+)
+from .routes import ERROR_HEADERS, ERRORS, GUARDED, Api
+
+# The Ollama release whose API these routes follow (records, tool call ids and indexes, `think`
+# levels): clients read /api/version to know what a server understands.
+OLLAMA_API_VERSION = "0.13.5"
+
+INVALID = (
+    "Invalid request: a field fails validation, or the request can't be served as asked (a "
+    "prompt longer than the model's context, `num_predict` over --max-tokens-limit, images, "
+    "a `suffix`…)."
+)
+NOT_FOUND = "No loaded model has this name (`model 'x' not found`)."
+
+
+def is_ollama(path: str) -> bool:
+    """Ollama's paths: `/api/*` but LM Studio's `/api/v0`."""
+    path = path.rstrip("/")
+    return path.startswith("/api/") and not (path == "/api/v0" or path.startswith("/api/v0/"))
+
+
+def responses_of(errors: tuple[int, ...], record: type | None = None) -> dict:
+    """The `responses=` of an operation: with `record`, a stream of such records; the errors."""
+    out: dict = {}
+    if record is not None:
+        out[200] = {
+            "description": 'The reply (JSON) with `"stream": false`; else a stream of records, '
+            "one JSON object per line, the last with `done: true` (an error after the stream "
+            'began is a line `{"error": "..."}`).',
+            "content": {
+                NDJSON: {
+                    "schema": {
+                        "anyOf": [
+                            {"$ref": f"#/components/schemas/{record.__name__}"},
+                            {"$ref": "#/components/schemas/OllamaErrorResponse"},
+                        ]
+                    }
+                }
+            },
+        }
+    for code in sorted({*GUARDED, *errors}):
+        described = {400: INVALID, 404: NOT_FOUND}.get(code, ERRORS[code])
+        out[code] = {"model": OllamaErrorResponse, "description": described}
+        if code in ERROR_HEADERS:
+            out[code]["headers"] = ERROR_HEADERS[code]
+    return out
+
+
+class OllamaApi:
+    def __init__(self, api: Api):
+        self.api = api
+
+    def resolve(self, name: str) -> LoadedModel:
+        """The loaded model `name` names (Ollama's `:latest` tag optional), else a 404."""
+        found = self.api.registry.find(name)
+        if found is None and name.endswith(":latest"):
+            found = self.api.registry.find(name.removesuffix(":latest"))
+        if found is None:
+            raise ApiError(404, f"model '{name}' not found", param="model")
+        return found
+
+    async def chat(self, http: Request, body: OllamaChatRequest):
+        started = time.perf_counter()
+        model = self.resolve(body.model)
+        check_generates(model)  # also for a load request: it must name a chat model
+        if not body.messages:
+            return JSONResponse(loaded(body.model, chat=True))
+        return await self._run(http, model, chat_of(body), body, started, chat=True)
+
+    async def generate(self, http: Request, body: OllamaGenerateRequest):
+        started = time.perf_counter()
+        model = self.resolve(body.model)
+        check_generates(model)
+        if not body.prompt:
+            return JSONResponse(loaded(body.model, chat=False))
+        return await self._run(http, model, generate_of(body), body, started, chat=False)
+
+    async def _run(self, http: Request, model: LoadedModel, request, body, started, chat: bool):
+        def prepare():
+            if isinstance(request, ChatCompletionRequest):
+                return prepare_chat(request, model, self.api.limits)
+            return prepare_completion(request, model, self.api.limits)[0]
+
+        try:
+            prepared = await run_in_threadpool(prepare)
+        except ApiError as e:
+            raise ollama_error(e) from None
+        running_rows = self.api.start(model, [[prepared.sequence]])
+        records = Records(
+            name=body.model,
+            chat=chat,
+            streaming=body.stream,
+            started=started,
+            raw=not isinstance(request, ChatCompletionRequest),
+        )
+        if body.stream:
+            return running_rows.stream(
+                http,
+                [],
+                lambda _, step: records.step(step),
+                lambda _, finished: records.finish(finished),
+                lambda _: [],
+                error_event=error_line,
+                media_type=NDJSON,
+            )
+        finished = await running_rows.collect(http, lambda _, step: records.step(step))
+        records.finish(finished[0])
+        return JSONResponse(records.reply())
+
+    # Listings read files and walk the model's modules: plain functions, so they run in
+    # FastAPI's thread pool rather than on the event loop.
+
+    def tags(self) -> OllamaModelList:
+        return OllamaModelList(models=[entry(m) for m in self.api.registry])
+
+    def show(self, body: OllamaShowRequest) -> OllamaShowResponse:
+        return show(self.resolve(body.model))
+
+    def ps(self) -> OllamaRunningList:
+        on_gpu = mx.default_device().type == mx.DeviceType.gpu
+        return OllamaRunningList(models=[running(m, on_gpu) for m in self.api.registry])
+
+    def version(self) -> OllamaVersion:
+        return OllamaVersion(version=OLLAMA_API_VERSION)
+
+
+def register_ollama(app: FastAPI, api: Api) -> None:
+    handlers = OllamaApi(api)
+    router = APIRouter(prefix="/api")
+    for method, path, handler, model, responses in (
+        ("POST", "/chat", handlers.chat, OllamaChatRecord, responses_of((400, 404, 503), OllamaChatRecord)),
+        ("POST", "/generate", handlers.generate, OllamaGenerateRecord, responses_of((400, 404, 503), OllamaGenerateRecord)),
+        ("GET", "/tags", handlers.tags, OllamaModelList, responses_of(())),
+        ("POST", "/show", handlers.show, OllamaShowResponse, responses_of((400, 404))),
+        ("GET", "/ps", handlers.ps, OllamaRunningList, responses_of(())),
+        ("GET", "/version", handlers.version, OllamaVersion, responses_of(())),
+    ):  # fmt: skip
+        router.add_api_route(
+            path,
+            handler,
+            methods=[method],
+            response_model=model,
+            responses=responses,
+            name=f"ollama_{path[1:]}",
+        )
+    app.include_router(router)
+
+
+class OllamaErrors(ErrorReshaper):
+    """Errors on Ollama's paths in Ollama's shape, `{"error": "message"}`."""
+
+    def matches(self, path: str) -> bool:
+        return is_ollama(path)
+
+    def reshape(self, status: int, message: str) -> dict:
+        return {"error": message}
