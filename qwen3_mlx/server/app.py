@@ -3,7 +3,7 @@ Ollama's `/api/chat`, `/api/generate`… over the engine.
 
 Here: the app's settings, its error handlers (every error leaves as `{"error": {...}}`; client
 mistakes are 4xx, a full queue is 503, and only a bug in this package is a 500), the middleware
-(Host, paths, CORS, API key, body size: guard.py) and /health. The operations and the table that
+(Host, paths, CORS, API key, body size: guard.py), /health and /metrics (metrics.py). The operations and the table that
 serves them under both prefixes are in routes.py, Anthropic's Messages API in routes_anthropic.py
 and Ollama's API in routes_ollama.py (whose errors leave in their API's shape); a request's rows
 run through rows.py.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Qwen3MLXError
@@ -34,6 +34,7 @@ from .guard import (
     error_response,
     has_api_key,
 )
+from .metrics import ServerMetrics
 from .models import ModelNotFound, ModelRegistry
 from .prepare import ApiError
 from .routes import Api, register
@@ -166,6 +167,14 @@ def create_app(
     register(app, api)
     register_anthropic(app, api)
     register_ollama(app, api)
+
+    metrics = ServerMetrics(engine, registry)
+    engine.on_finished = metrics.finished
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     # -- health -----------------------------------------------------------------------------
 

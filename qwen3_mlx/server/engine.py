@@ -132,6 +132,8 @@ class Engine(PrefillLoop, DecodeLoop):
         # --parallel: the error that ended the job (rank 0), and who to tell (stops the server).
         self.fatal: BaseException | None = None
         self.on_fatal: Callable[[], None] | None = None
+        # Told of every request's end on the engine thread (the /metrics counters).
+        self.on_finished: Callable[[str, Finished], None] | None = None
 
     # -- called from the HTTP side ------------------------------------------------------------
 
@@ -376,7 +378,7 @@ class Engine(PrefillLoop, DecodeLoop):
             stop_reason = "eosFound"
         else:
             stop_reason = "stopStringFound"
-        return Finished(
+        finished = Finished(
             finish_reason=reason,
             stop_reason=stop_reason,
             prompt_tokens=len(row.request.prompt),
@@ -391,6 +393,9 @@ class Engine(PrefillLoop, DecodeLoop):
             draft_model=row.request.model.drafting.name if row.drafter is not None else None,
             stop_string=seq.stop_string,
         )
+        if self.on_finished is not None:
+            self.on_finished(row.request.model.id, finished)
+        return finished
 
     def _finish_cancelled(self, request: GenerationRequest, row: Row | None = None) -> None:
         row = row or Row(request)
