@@ -38,6 +38,9 @@ output exactly, with the top logit ahead of the runner-up by at least MIN_MARGIN
 
 Deterministic for a seed (two runs write identical files). Takes 4-8 minutes on 2 shared CPU
 cores with mlx[cpu]: about 40 epochs of training, then export and verification.
+
+`--draft` trains the demo's draft model for speculative decoding instead (a smaller dense Qwen3,
+qwen3_mlx/assets/demo-draft/; its specifics are in convert/train_demo_draft.py; about 3 minutes).
 """
 
 from __future__ import annotations
@@ -121,6 +124,34 @@ GENERATION_CONFIG = {
     "top_k": 20,
     "top_p": 0.95,
 }
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What `train` and `export_weights` build: the model's config, the bits its embedding ships
+    with, and when training stops. `agreement` None (the demo): once every target leads by
+    2 x MIN_MARGIN. A share (its draft, convert/train_demo_draft.py): once that share of the
+    targets is the greedy choice, as shipped."""
+
+    config: dict[str, Any]
+    embed_bits: int = BITS
+    agreement: float | None = None
+    float_epochs: int = 30
+    max_epochs: int = 150
+    eval_every: int = 5
+
+    def quant_spec(self, path: str) -> tuple[int, int] | None:
+        """(group_size, bits) a parameter ships with, None for the float ones (norms)."""
+        if path.endswith("mlp.gate.weight"):
+            return GROUP_SIZE, ROUTER_BITS
+        if path.endswith("embed_tokens.weight"):
+            return GROUP_SIZE, self.embed_bits
+        if path.endswith("_proj.weight"):
+            return GROUP_SIZE, BITS
+        return None
+
+
+DEMO = Recipe(CONFIG)
 
 # -- the canned conversations ---------------------------------------------------------------
 
@@ -505,7 +536,9 @@ class Batch:
     sin: mx.array
 
 
-def make_batches(rows: list[Packed], vocab: CompactVocab, max_tokens: int) -> list[Batch]:
+def make_batches(
+    rows: list[Packed], vocab: CompactVocab, max_tokens: int, config: dict[str, Any] = CONFIG
+) -> list[Batch]:
     """Rows of similar length together, padded to a multiple of 32, about max_tokens each."""
     rows = sorted(rows, key=len)
     groups: list[list[Packed]] = [[]]
@@ -514,7 +547,7 @@ def make_batches(rows: list[Packed], vocab: CompactVocab, max_tokens: int) -> li
         if groups[-1] and padded * (len(groups[-1]) + 1) > max_tokens:
             groups.append([])
         groups[-1].append(row)
-    head_dim, theta = CONFIG["head_dim"], CONFIG["rope_theta"]
+    head_dim, theta = config["head_dim"], config["rope_theta"]
     inv_freq = theta ** (-np.arange(0, head_dim, 2) / head_dim)
     batches = []
     for group in groups:
@@ -570,14 +603,14 @@ def experts(p: dict, prefix: str, x: mx.array, indices: mx.array, scores: mx.arr
     return (y * scores[..., None]).sum(axis=1)
 
 
-def forward(p: dict[str, mx.array], batch: Batch) -> mx.array:
-    """Qwen3-MoE over packed rows: qwen3_mlx.model's math with a tree mask and explicit positions.
+def forward(p: dict[str, mx.array], batch: Batch, c: dict[str, Any] = CONFIG) -> mx.array:
+    """Qwen3 (MoE, or dense where a layer has no router) over packed rows: qwen3_mlx.model's
+    math with a tree mask and explicit positions.
 
     Returns final-normed hidden states (B, L, D). `check_forward` pins it to the real model.
     """
-    c = CONFIG
     heads, kv_heads, head_dim = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
-    top_k, eps = c["num_experts_per_tok"], c["rms_norm_eps"]
+    top_k, eps = c.get("num_experts_per_tok"), c["rms_norm_eps"]
     B, L = batch.tokens.shape
     x = p["model.embed_tokens.weight"][batch.tokens]
     for i in range(c["num_hidden_layers"]):
@@ -598,6 +631,13 @@ def forward(p: dict[str, mx.array], batch: Batch) -> mx.array:
         x = x + attn @ p[f"{pre}.self_attn.o_proj.weight"].T
 
         h = mx.fast.rms_norm(x, p[f"{pre}.post_attention_layernorm.weight"], eps)
+        if f"{pre}.mlp.gate.weight" not in p:  # a dense layer (the draft's)
+
+            def mlp(name, h, pre=pre):
+                return h @ p[f"{pre}.mlp.{name}_proj.weight"].T
+
+            x = x + mlp("down", nn.silu(mlp("gate", h)) * mlp("up", h))
+            continue
         probs = mx.softmax(h @ p[f"{pre}.mlp.gate.weight"].T, axis=-1)
         indices = mx.stop_gradient(mx.argpartition(-probs, kth=top_k - 1, axis=-1)[..., :top_k])
         scores = mx.take_along_axis(probs, indices, axis=-1)
@@ -608,15 +648,19 @@ def forward(p: dict[str, mx.array], batch: Batch) -> mx.array:
     return mx.fast.rms_norm(x, p["model.norm.weight"], eps)
 
 
-def logits(p: dict[str, mx.array], batch: Batch, vocab: CompactVocab) -> mx.array:
+def logits(
+    p: dict[str, mx.array], batch: Batch, vocab: CompactVocab, config: dict[str, Any] = CONFIG
+) -> mx.array:
     """Logits over the compact vocabulary; the shared row stands for every unused token."""
-    out = forward(p, batch) @ p["model.embed_tokens.weight"].T
+    out = forward(p, batch, config) @ p["model.embed_tokens.weight"].T
     return out + mx.array([0.0] * (vocab.size - 1) + [vocab.log_unused])
 
 
-def check_forward(p: dict[str, mx.array], vocab: CompactVocab) -> None:
+def check_forward(
+    p: dict[str, mx.array], vocab: CompactVocab, config: dict[str, Any] = CONFIG
+) -> None:
     """The training forward must equal qwen3_mlx's model on a plain (unpacked) sequence."""
-    model = Model(ModelArgs.from_dict({**CONFIG, "vocab_size": vocab.size}))
+    model = Model(ModelArgs.from_dict({**config, "vocab_size": vocab.size}))
     model.load_weights(list(p.items()))
     n = 40
     row = Packed(
@@ -625,8 +669,8 @@ def check_forward(p: dict[str, mx.array], vocab: CompactVocab) -> None:
         np.arange(n),
         np.tril(np.ones((n, n), bool)),
     )
-    batch = make_batches([row], vocab, 10**6)[0]
-    ours = forward(p, batch)[:, :n] @ p["model.embed_tokens.weight"].T
+    batch = make_batches([row], vocab, 10**6, config)[0]
+    ours = forward(p, batch, config)[:, :n] @ p["model.embed_tokens.weight"].T
     theirs = model(batch.tokens[:, :n])
     error = mx.abs(ours - theirs).max().item()
     if error > 1e-4:
@@ -636,20 +680,11 @@ def check_forward(p: dict[str, mx.array], vocab: CompactVocab) -> None:
 # -- quantization as shipped ------------------------------------------------------------------
 
 
-def quant_spec(path: str) -> tuple[int, int] | None:
-    """(group_size, bits) a parameter ships with, None for the float ones (norms)."""
-    if path.endswith("mlp.gate.weight"):
-        return GROUP_SIZE, ROUTER_BITS
-    if path.endswith(("_proj.weight", "embed_tokens.weight")):
-        return GROUP_SIZE, BITS
-    return None
-
-
-def as_shipped(p: dict[str, mx.array]) -> dict[str, mx.array]:
+def as_shipped(p: dict[str, mx.array], recipe: Recipe = DEMO) -> dict[str, mx.array]:
     """Weights rounded exactly as the exported checkpoint holds them (straight-through gradient)."""
     out = {}
     for path, w in p.items():
-        spec = quant_spec(path)
+        spec = recipe.quant_spec(path)
         if spec is None:
             out[path] = w
         else:
@@ -662,16 +697,17 @@ def as_shipped(p: dict[str, mx.array]) -> dict[str, mx.array]:
 # -- training ------------------------------------------------------------------------------
 
 
-def loss_fn(p, batch: Batch, vocab: CompactVocab, quantized: bool) -> mx.array:
+def loss_fn(p, batch: Batch, vocab: CompactVocab, quantized: bool, recipe: Recipe) -> mx.array:
     if quantized:
-        p = as_shipped(p)
-    losses = nn.losses.cross_entropy(logits(p, batch, vocab), batch.targets, reduction="none")
+        p = as_shipped(p, recipe)
+    out = logits(p, batch, vocab, recipe.config)
+    losses = nn.losses.cross_entropy(out, batch.targets, reduction="none")
     return (losses * batch.weights).sum() / batch.weights.sum()
 
 
-def margins(p, batch: Batch, vocab: CompactVocab) -> np.ndarray:
+def margins(p, batch: Batch, vocab: CompactVocab, recipe: Recipe = DEMO) -> np.ndarray:
     """Per loss node, as shipped: target logit minus the best other logit."""
-    out = logits(as_shipped(p), batch, vocab)
+    out = logits(as_shipped(p, recipe), batch, vocab, recipe.config)
     target = mx.take_along_axis(out, batch.targets[..., None], axis=-1)[..., 0]
     is_target = mx.arange(vocab.size) == batch.targets[..., None]
     others = mx.where(is_target, -mx.inf, out).max(axis=-1)
@@ -679,14 +715,17 @@ def margins(p, batch: Batch, vocab: CompactVocab) -> np.ndarray:
     return gaps[np.array(batch.weights) > 0]
 
 
-def train(rows: list[Packed], vocab: CompactVocab, args, log=print) -> tuple[dict, int]:
-    """Float warm-up, then quantization-aware epochs until every target clears 2 x MIN_MARGIN."""
+def train(
+    rows: list[Packed], vocab: CompactVocab, args, recipe: Recipe = DEMO, log=print
+) -> tuple[dict, int]:
+    """Float warm-up, then quantization-aware epochs until the recipe says stop: every target
+    ahead by 2 x MIN_MARGIN, or (a draft) its share of greedy agreement reached."""
     mx.random.seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    init = Model(ModelArgs.from_dict({**CONFIG, "vocab_size": vocab.size}))
+    init = Model(ModelArgs.from_dict({**recipe.config, "vocab_size": vocab.size}))
     params = dict(tree_flatten(init.parameters()))
-    check_forward(params, vocab)
-    batches = make_batches(rows, vocab, args.batch_tokens)
+    check_forward(params, vocab, recipe.config)
+    batches = make_batches(rows, vocab, args.batch_tokens, recipe.config)
     total = args.max_epochs * len(batches)
     warmup = min(100, total // 10)
     schedule = optim.join_schedules(
@@ -699,7 +738,8 @@ def train(rows: list[Packed], vocab: CompactVocab, args, log=print) -> tuple[dic
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.0)
     optimizer.init(params)
     grads = {
-        q: mx.value_and_grad(partial(loss_fn, vocab=vocab, quantized=q)) for q in (False, True)
+        q: mx.value_and_grad(partial(loss_fn, vocab=vocab, quantized=q, recipe=recipe))
+        for q in (False, True)
     }
     log(
         f"{sum(len(r) for r in rows)} packed tokens in {len(rows)} rows, "
@@ -717,13 +757,19 @@ def train(rows: list[Packed], vocab: CompactVocab, args, log=print) -> tuple[dic
             losses.append(loss.item())
         if epoch % args.eval_every and epoch != args.max_epochs:
             continue
-        gaps = np.concatenate([margins(params, b, vocab) for b in batches])
+        gaps = np.concatenate([margins(params, b, vocab, recipe) for b in batches])
+        agreement = float((gaps > 0).mean())  # targets that are the greedy choice
         log(
             f"epoch {epoch:4d}  loss {np.mean(losses):.4f}  min margin {gaps.min():7.3f}  "
             f"below {MIN_MARGIN}: {int((gaps < MIN_MARGIN).sum()):4d}/{gaps.size}  "
+            f"greedy {agreement:6.1%}  "
             f"{'qat' if quantized else 'float'}  {time.perf_counter() - start:6.0f}s"
         )
-        if quantized and gaps.min() >= 2 * MIN_MARGIN:
+        if not quantized:
+            continue
+        if recipe.agreement is None and gaps.min() >= 2 * MIN_MARGIN:
+            break
+        if recipe.agreement is not None and agreement >= recipe.agreement:
             break
     return params, epoch
 
@@ -734,11 +780,21 @@ def train(rows: list[Packed], vocab: CompactVocab, args, log=print) -> tuple[dic
 def export(
     params: dict[str, mx.array], vocab: CompactVocab, tokenizer_dir: Path, out: Path
 ) -> None:
-    """Write the shippable checkpoint (mlx-lm layout, quantized) into `out`."""
+    """Write the shippable demo (mlx-lm layout, quantized, with its tokenizer) into `out`."""
+    export_weights(params, vocab, DEMO, out)
+    _write_json(out / "generation_config.json", GENERATION_CONFIG)
+    shutil.copyfile(tokenizer_dir / "tokenizer_config.json", out / "tokenizer_config.json")
+    write_compact_tokenizer(tokenizer_dir / "tokenizer.json", out / "tokenizer.json")
+
+
+def export_weights(
+    params: dict[str, mx.array], vocab: CompactVocab, recipe: Recipe, out: Path
+) -> None:
+    """The quantized weights (full vocabulary), their index and config.json."""
     params = dict(params)
     embed = np.array(params.pop("model.embed_tokens.weight"))
     params["model.embed_tokens.weight"] = mx.array(vocab.expand(embed))
-    full = Model(ModelArgs.from_dict(CONFIG))
+    full = Model(ModelArgs.from_dict(recipe.config))
     full.load_weights(list(params.items()), strict=True)
 
     overrides = {}
@@ -746,7 +802,7 @@ def export(
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized"):
             return False
-        group, bits = quant_spec(f"{path}.weight")
+        group, bits = recipe.quant_spec(f"{path}.weight")
         if bits != BITS:
             overrides[path] = {"group_size": group, "bits": bits}
             return overrides[path]
@@ -757,11 +813,8 @@ def export(
     save_shards(weights, out)
 
     quantization = {"group_size": GROUP_SIZE, "bits": BITS, "mode": "affine", **overrides}
-    config = {**CONFIG, "quantization": quantization, "quantization_config": quantization}
+    config = {**recipe.config, "quantization": quantization, "quantization_config": quantization}
     _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", GENERATION_CONFIG)
-    shutil.copyfile(tokenizer_dir / "tokenizer_config.json", out / "tokenizer_config.json")
-    write_compact_tokenizer(tokenizer_dir / "tokenizer.json", out / "tokenizer.json")
 
 
 def write_compact_tokenizer(source: Path, target: Path) -> None:
@@ -835,19 +888,11 @@ def verify(model_dir: Path, conversations: list[Conversation], log=print) -> flo
 # -- main ------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-tokens", type=int, default=1024, help="padded tokens per step")
-    parser.add_argument("--float-epochs", type=int, default=30)
-    parser.add_argument("--max-epochs", type=int, default=150)
-    parser.add_argument("--eval-every", type=int, default=5)
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-
-    tokenizer_dir = Path(tempfile.mkdtemp(prefix="demo-tokenizer-"))
+def training_set(
+    tokenizer_dir: Path,
+) -> tuple[Tokenizer, list[Conversation], list[Packed], CompactVocab]:
+    """Qwen3's tokenizer (built into `tokenizer_dir`), the conversations, the packed training
+    rows and their compact vocabulary."""
     build_qwen3_tokenizer(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     conversations = all_conversations()
@@ -856,17 +901,16 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(conversations)} conversations, {sum(len(c.prompts()) for c in conversations)} prompts"
     )
-    params, epochs = train(rows, vocab, args)
+    return tokenizer, conversations, rows, vocab
 
-    # Build beside the target, verify, then swap in: a failed run never leaves a broken model.
-    out = args.out.resolve()
+
+def install(out: Path, build) -> Any:
+    """`build(staging)` beside `out`, then the staging directory swapped in (a build that fails
+    or refuses its result never leaves a broken directory). Returns what `build` returns."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-build-", dir=out.parent))
     try:
-        export(params, vocab, tokenizer_dir, staging)
-        records = [conversation_record(c) for c in conversations]
-        _write_json(staging / "conversations.json", records)
-        worst = verify(staging, conversations)
+        result = build(staging)
         staging.chmod(0o755)
         backup = out.with_name(out.name + ".old")
         if out.exists():
@@ -875,10 +919,70 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(backup, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def with_defaults(args: argparse.Namespace, recipe: Recipe, out: Path) -> argparse.Namespace:
+    """The recipe's epochs, evaluation interval and output directory where the command line
+    gave none."""
+    args.out = (args.out or out).resolve()
+    if args.float_epochs is None:
+        args.float_epochs = recipe.float_epochs
+    if args.max_epochs is None:
+        args.max_epochs = recipe.max_epochs
+    if args.eval_every is None:
+        args.eval_every = recipe.eval_every
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--draft",
+        action="store_true",
+        help="train the demo's draft model instead (see convert/train_demo_draft.py)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="default: qwen3_mlx/assets/demo (--draft: assets/demo-draft)"
+    )
+    parser.add_argument(
+        "--target",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="--draft: the model it drafts for, its agreement reported (default: the demo)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-tokens", type=int, default=1024, help="padded tokens per step")
+    recipes = "(default: the recipe's; the demo's is {}, --draft's in train_demo_draft.DRAFT)"
+    parser.add_argument("--float-epochs", type=int, help=recipes.format(DEMO.float_epochs))
+    parser.add_argument("--max-epochs", type=int, help=recipes.format(DEMO.max_epochs))
+    parser.add_argument("--eval-every", type=int, help=recipes.format(DEMO.eval_every))
+    args = parser.parse_args(argv)
+    if args.draft:
+        from convert import train_demo_draft
+
+        return train_demo_draft.main(args)
+    args = with_defaults(args, DEMO, DEFAULT_OUT)
+    started = time.perf_counter()
+
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="demo-tokenizer-"))
+    try:
+        _, conversations, rows, vocab = training_set(tokenizer_dir)
+        params, epochs = train(rows, vocab, args)
+
+        def build(staging: Path) -> float:
+            export(params, vocab, tokenizer_dir, staging)
+            records = [conversation_record(c) for c in conversations]
+            _write_json(staging / "conversations.json", records)
+            return verify(staging, conversations)
+
+        worst = install(args.out, build)
+    finally:
         shutil.rmtree(tokenizer_dir, ignore_errors=True)
-    size = sum(f.stat().st_size for f in out.iterdir())
+    size = sum(f.stat().st_size for f in args.out.iterdir())
     print(
-        f"wrote {out} ({size / 1e6:.1f} MB) after {epochs} epochs in "
+        f"wrote {args.out} ({size / 1e6:.1f} MB) after {epochs} epochs in "
         f"{time.perf_counter() - started:.0f}s; smallest greedy margin {worst:.2f}"
     )
     return 0

@@ -74,6 +74,7 @@ _EXPORTS = {
     "Qwen3MLXError": "errors",
     "GenerationError": "errors",
     "DEMO_MODEL_PATH": "assets",
+    "DEMO_DRAFT_PATH": "assets",
 }
 
 __all__ = ["__version__", *_EXPORTS]

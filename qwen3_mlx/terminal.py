@@ -162,9 +162,9 @@ def speculative_from_args(args: argparse.Namespace) -> dict:
         return {}
     if args.draft_model is not None:
         from .assets import resolve_model_argument
-        from .loading import load
+        from .generation.speculative import load_draft
 
-        draft = load(resolve_model_argument(args.draft_model))[0]
+        draft = load_draft(resolve_model_argument(args.draft_model))
         return {"draft_model": draft, "num_draft_tokens": args.num_draft_tokens}
     return {"prompt_lookup": args.prompt_lookup, "num_draft_tokens": args.num_draft_tokens}
 

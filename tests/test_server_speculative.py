@@ -1,6 +1,7 @@
 """The server with speculative decoding (--draft-model, --prompt-lookup): a request decoding alone
 gets exactly the reply it gets without (greedy), LM Studio's stats count the drafts, and
-concurrent requests (decoded as a batch, without drafting) are unchanged too."""
+concurrent requests (decoded as a batch, without drafting) are unchanged too. The drafts come from
+a tiny random model (most rejected), the demo's own draft (most accepted) or the prompt."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from qwen3_mlx.assets import DEMO_DRAFT_PATH
 from tests.server_process import ROOT, ServerProcess
 
 QUESTIONS = ["Tell me about the weather in Paris", "What is the capital of Japan?", "Hello"]
+# A demo conversation where the demo's draft is wrong now and then (on the others it is right).
+ARITHMETIC = "What is 17 + 25?"
 
 
 def ask(server, text: str, api: str = "/v1") -> dict:
@@ -85,26 +89,24 @@ def constrained(server, kind: str) -> dict:
 def plain_replies(demo_model_dir):
     server = ServerProcess(["--model", str(demo_model_dir)])
     try:
-        replies = {q: message(ask(server, q)) for q in QUESTIONS}
+        replies = {q: message(ask(server, q)) for q in [*QUESTIONS, ARITHMETIC]}
         replies.update({kind: constrained(server, kind) for kind in CONSTRAINED})
         return replies
     finally:
         server.stop()
 
 
-@pytest.mark.parametrize("drafting", ["draft-model", "prompt-lookup"])
+@pytest.mark.parametrize("drafting", ["draft-model", "demo-draft", "prompt-lookup"])
 def test_same_replies_with_drafts(demo_model_dir, tiny_qwen3_dir, plain_replies, drafting):
     # A tiny random model of the same vocabulary drafts badly: most drafts are rejected, so the
-    # cache is rewound often.
+    # cache is rewound often. The demo's own draft (config and weights, no tokenizer) agrees
+    # with it most of the time.
+    draft = {"draft-model": tiny_qwen3_dir, "demo-draft": DEMO_DRAFT_PATH}.get(drafting)
     args = ["--model", str(demo_model_dir), "--num-draft-tokens", "4"]
-    args += (
-        ["--draft-model", str(tiny_qwen3_dir)]
-        if drafting == "draft-model"
-        else ["--prompt-lookup", "2"]
-    )
+    args += ["--draft-model", str(draft)] if draft else ["--prompt-lookup", "2"]
     server = ServerProcess(args)
     try:
-        for q in QUESTIONS:  # alone: drafted
+        for q in [*QUESTIONS, ARITHMETIC]:  # alone: drafted
             reply = ask(server, q, api="/api/v0")
             assert message(reply) == plain_replies[q]
             stats = reply["stats"]
@@ -113,14 +115,17 @@ def test_same_replies_with_drafts(demo_model_dir, tiny_qwen3_dir, plain_replies,
                 stats["accepted_draft_tokens_count"] + stats["rejected_draft_tokens_count"]
                 <= stats["total_draft_tokens_count"]
             )
-            assert stats["rejected_draft_tokens_count"] > 0
-            if drafting == "draft-model":
-                assert stats["draft_model"] == str(tiny_qwen3_dir)
-        if drafting == "draft-model":  # LM Studio's per-request field names the loaded draft
+            if drafting == "demo-draft":
+                assert stats["accepted_draft_tokens_count"] > 0
+            if drafting != "demo-draft" or q == ARITHMETIC:
+                assert stats["rejected_draft_tokens_count"] > 0
+            if draft:
+                assert stats["draft_model"] == str(draft)
+        if draft:  # LM Studio's per-request field names the loaded draft
             body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
             named = httpx.post(
                 server.v1 + "/chat/completions",
-                json={**body, "draft_model": str(tiny_qwen3_dir)},
+                json={**body, "draft_model": str(draft)},
                 timeout=60,
             )
             assert named.status_code == 200, named.text
@@ -130,7 +135,7 @@ def test_same_replies_with_drafts(demo_model_dir, tiny_qwen3_dir, plain_replies,
             assert other.status_code == 400 and other.json()["error"]["param"] == "draft_model"
             schema = httpx.get(server.base + "/openapi.json").json()["components"]["schemas"]
             field = schema["ChatCompletionRequest"]["properties"]["draft_model"]
-            assert field["anyOf"][0]["enum"] == [str(tiny_qwen3_dir)]
+            assert field["anyOf"][0]["enum"] == [str(draft)]
         for kind in CONSTRAINED:  # grammar masks apply to every checked row
             reply = constrained(server, kind)
             for call in reply["tool_calls"] or []:
@@ -142,16 +147,16 @@ def test_same_replies_with_drafts(demo_model_dir, tiny_qwen3_dir, plain_replies,
         client = OpenAI(base_url=server.v1, api_key="lm-studio", max_retries=0)
         reply = client.chat.completions.create(
             model="m",
-            messages=[{"role": "user", "content": QUESTIONS[0]}],
+            messages=[{"role": "user", "content": ARITHMETIC}],
             max_tokens=48,
             temperature=0,
         )
         details = reply.usage.completion_tokens_details
         assert details.rejected_prediction_tokens > 0
-        assert reply.choices[0].message.content == plain_replies[QUESTIONS[0]][1]
+        assert reply.choices[0].message.content == plain_replies[ARITHMETIC][1]
         stream = client.chat.completions.create(
             model="m",
-            messages=[{"role": "user", "content": QUESTIONS[0]}],
+            messages=[{"role": "user", "content": ARITHMETIC}],
             max_tokens=48,
             temperature=0,
             stream=True,

@@ -1,14 +1,16 @@
 """Speculative decoding (generation/speculative.py): the same output as plain decoding, fewer
-passes of the model. The demo model drafts for itself (most drafts accepted) and a tiny random
-model with the same vocabulary drafts badly (most rejected); prompt lookup drafts from the text.
-Every case is compared token for token with plain decoding: greedy, sampled with a seed,
-penalties, a thinking budget, stop strings, logprobs."""
+passes of the model. The demo model drafts for itself (every draft accepted), its own draft
+(assets/demo-draft, a smaller dense Qwen3) drafts as a real one does (most drafts accepted, not
+all) and a tiny random model with the same vocabulary drafts badly (most rejected); prompt lookup
+drafts from the text. Every case is compared token for token with plain decoding: greedy, sampled
+with a seed, penalties, a thinking budget, stop strings, logprobs."""
 
 from __future__ import annotations
 
 import pytest
 
 from qwen3_mlx import generate, load
+from qwen3_mlx.assets import DEMO_DRAFT_PATH, demo_conversations
 from qwen3_mlx.errors import GenerationError
 
 WEATHER = [{"role": "user", "content": "Tell me about the weather in Paris"}]
@@ -24,6 +26,14 @@ def stranger(tiny_qwen3_dir):
     return load(tiny_qwen3_dir)[0]
 
 
+@pytest.fixture(scope="module")
+def demo_draft():
+    """The demo's own draft, loaded as --draft-model loads it (config and weights only)."""
+    from qwen3_mlx.generation.speculative import load_draft
+
+    return load_draft(DEMO_DRAFT_PATH)
+
+
 CASES = {
     "greedy": dict(temperature=0),
     "sampled": dict(temperature=0.9, top_p=0.95, seed=11),
@@ -35,13 +45,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("drafter", ["self", "stranger", "lookup"])
-def test_same_output_as_plain_decoding(demo, stranger, case, drafter):
+@pytest.mark.parametrize("drafter", ["self", "demo-draft", "stranger", "lookup"])
+def test_same_output_as_plain_decoding(demo, demo_draft, stranger, case, drafter):
     model, tokenizer = demo
     request = dict(messages=WEATHER, max_tokens=60, **CASES[case])
     plain = generate(model, tokenizer, **request)
     draft = {
         "self": dict(draft_model=model, num_draft_tokens=4),
+        "demo-draft": dict(draft_model=demo_draft, num_draft_tokens=4),
         "stranger": dict(draft_model=stranger, num_draft_tokens=2),
         "lookup": dict(prompt_lookup=2),
     }[drafter]
@@ -57,6 +68,42 @@ def test_same_output_as_plain_decoding(demo, stranger, case, drafter):
     assert s.accepted_draft_tokens + s.rejected_draft_tokens <= s.total_draft_tokens
     if drafter == "self" and case == "greedy":
         assert s.accepted_draft_tokens > s.rejected_draft_tokens  # it agrees with itself
+
+
+def test_the_demo_with_its_draft_over_its_conversations(demo, demo_draft):
+    """Issue #17: greedy decoding of every demo conversation (30 prompts: thinking, not, tools,
+    Chinese, multi-turn) with the demo's own draft gives plain decoding's tokens, and the draft
+    really drafts: the demo keeps most of its drafts and rejects some. (The trainer's check,
+    convert/train_demo_draft.py, also runs every prompt variant.)"""
+    model, tokenizer = demo
+    accepted = rejected = 0
+    for record in demo_conversations():
+        prompt = {k: record[k] for k in ("messages", "tools", "enable_thinking")}
+        request = dict(**prompt, max_tokens=80, temperature=0)
+        plain = generate(model, tokenizer, **request)
+        fast = generate(model, tokenizer, draft_model=demo_draft, num_draft_tokens=4, **request)
+        assert fast.tokens == plain.tokens, record["name"]
+        accepted += fast.stats.accepted_draft_tokens
+        rejected += fast.stats.rejected_draft_tokens
+    # An acceptance rate strictly between 0 and 1 (a reply's last round counts in neither).
+    assert accepted > 0 and rejected > 0
+
+
+def test_the_demo_draft_is_a_small_dense_qwen3_without_a_tokenizer(demo):
+    import json
+
+    config = json.loads((DEMO_DRAFT_PATH / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["tie_word_embeddings"]
+    assert config["vocab_size"] == demo[0].args.vocab_size
+    (weights,) = DEMO_DRAFT_PATH.glob("*.safetensors")
+    assert weights.stat().st_size < 3_000_000
+    assert not list(DEMO_DRAFT_PATH.glob("tokenizer*"))
+    # draft_model= takes the path: loaded without a tokenizer, its vocabulary checked.
+    model, tokenizer = demo
+    request = dict(messages=WEATHER, max_tokens=30, temperature=0)
+    fast = generate(model, tokenizer, draft_model=DEMO_DRAFT_PATH, **request)
+    assert fast.tokens == generate(model, tokenizer, **request).tokens
+    assert fast.stats.total_draft_tokens > 0
 
 
 def test_fewer_model_passes_when_drafts_are_right(demo):
@@ -114,10 +161,13 @@ def test_the_generate_cli(demo_model_dir):
 
     plain = run()
     drafted = run("--draft-model", str(demo_model_dir), "--num-draft-tokens", "4")
+    by_its_draft = run("--draft-model", str(DEMO_DRAFT_PATH), "--num-draft-tokens", "4")
     looked_up = run("--prompt-lookup", "2")
     assert plain.returncode == drafted.returncode == looked_up.returncode == 0, drafted.stderr
-    assert drafted.stdout == plain.stdout == looked_up.stdout
+    assert by_its_draft.returncode == 0, by_its_draft.stderr
+    assert drafted.stdout == plain.stdout == looked_up.stdout == by_its_draft.stdout
     assert "Drafts:" in drafted.stderr and "Drafts:" not in plain.stderr
+    assert "Drafts:" in by_its_draft.stderr
     bad = run("--prompt-lookup", "2", "--num-draft-tokens", "0")
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error:")
     assert "Traceback" not in bad.stderr

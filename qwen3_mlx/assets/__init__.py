@@ -11,6 +11,12 @@ as `qwen3_mlx.template.render_chat` takes them), the raw `output` greedy decodin
 (`reasoning`, `content`, `tool_calls` as `{"name", "arguments"}`), and `variants`: overrides
 of the prompt fields (a system prompt, tool-call history with or without its reasoning,
 Qwen-Agent's wording) that give the same output. `convert/train_demo_model.py` rebuilds it.
+
+The demo's draft model (`assets/demo-draft/`, `DEMO_DRAFT_PATH`) is a smaller dense Qwen3 of the
+same vocabulary for speculative decoding (`--draft-model`, `draft_model=`), as Qwen3-0.6B drafts
+for the larger Qwen3s: trained on the same conversations, it picks the demo's next token most of
+the time, not always. It holds config and weights only (a draft needs no tokenizer).
+`python -m convert.train_demo_model --draft` rebuilds it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 DEMO_MODEL_PATH = Path(__file__).resolve().parent / "demo"
+DEMO_DRAFT_PATH = Path(__file__).resolve().parent / "demo-draft"
 DEMO_CONVERSATIONS_FILE = "conversations.json"
 
 

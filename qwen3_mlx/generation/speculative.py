@@ -85,6 +85,14 @@ class DraftModel:
             self.tokens.append(token)
 
 
+def load_draft(path_or_id: Any) -> Any:
+    """A draft model from its directory or hub id: config and weights, no tokenizer (it drafts
+    token ids; `DraftModel` checks its vocabulary against the model's)."""
+    from ..loading import load_model, prepare_for_inference
+
+    return prepare_for_inference(load_model(path_or_id)[0])
+
+
 def _vocab_size(model: Any) -> int | None:
     args = getattr(model, "args", None)
     return getattr(args, "vocab_size", None)
@@ -103,9 +111,7 @@ def drafter_for(
     if hasattr(draft_model, "propose"):  # a drafter of the caller's own (benchmarks/speculative)
         return draft_model
     if isinstance(draft_model, str | bytes) or hasattr(draft_model, "__fspath__"):
-        from ..loading import load
-
-        draft_model = load(draft_model)[0]
+        draft_model = load_draft(draft_model)
     return DraftModel(draft_model, model)
 
 

@@ -302,8 +302,7 @@ def add_drafting(models: list, args: argparse.Namespace) -> None:
     a bounded cache, is one line of error)."""
     from ..assets import resolve_model_argument
     from ..errors import ConfigError, GenerationError
-    from ..generation.speculative import DraftModel, PromptLookup
-    from ..loading import load
+    from ..generation.speculative import DraftModel, PromptLookup, load_draft
     from .models import Drafting
 
     if args.parallel:
@@ -321,7 +320,7 @@ def add_drafting(models: list, args: argparse.Namespace) -> None:
             raise ConfigError("give --draft-model or --prompt-lookup, not both")
         source = resolve_model_argument(args.draft_model)
         print(f"loading draft model {source} ...", file=sys.stderr, flush=True)
-        draft, name = load(source)[0], str(args.draft_model)
+        draft, name = load_draft(source), str(args.draft_model)
     for m in models:
         if m.kind != "llm":
             continue
