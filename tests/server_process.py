@@ -40,6 +40,16 @@ def wait_until_healthy(server, timeout: float, what: str, on_poll=lambda: None) 
     raise RuntimeError(f"{what} did not come up in {timeout:.0f}s:\n{server.output()}")
 
 
+def wait_for(condition, timeout: float = 15.0, every: float = 0.05) -> bool:
+    """Poll `condition()` until it is true (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return bool(condition())
+
+
 class ServerProcess:
     def __init__(self, args: list[str], *, api_key: str | None = None, timeout: float = 180.0):
         self.port = free_port()

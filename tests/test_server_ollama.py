@@ -10,10 +10,13 @@ wire, to check the records' shape and media type.
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import ollama
 import pytest
+
+from tests.server_process import wait_for
 
 GREEDY = {"temperature": 0}
 MODEL = "qwen3-mlx-demo"  # the demo model's name in /api/tags (with ":latest")
@@ -84,8 +87,18 @@ def test_chat_replies_and_thinking(client, conv):
     short = client.chat(MODEL, off["messages"], think=False, options={**GREEDY, "num_predict": 3})
     assert short.done_reason == "length" and short.eval_count == 3
 
-    loading = client.chat(MODEL, [], keep_alive=0)  # Ollama's "load the model" request
+    loading = client.chat(MODEL, [])  # Ollama's "load the model" request
     assert loading.done and loading.done_reason == "load" and loading.message.content == ""
+
+    # keep_alive 0 unloads it (at once, with nothing to generate); the next request loads it.
+    unloading = client.chat(MODEL, [], keep_alive=0)
+    assert unloading.done_reason == "unload"
+    assert wait_for(lambda: not client.ps().models)
+    again = client.chat(MODEL, off["messages"], think=False, options=GREEDY)
+    assert again.message.content == off["content"] and again.load_duration > 0
+    (running,) = client.ps().models  # loaded on demand now: --ttl (an hour) from its last use
+    left = running.expires_at.timestamp() - time.time()
+    assert running.model == MODEL + ":latest" and 3500 < left <= 3600
 
 
 def test_stream_on_the_wire(server, conv):

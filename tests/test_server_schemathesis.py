@@ -14,8 +14,10 @@ schemathesis with SCHEMATHESIS_HOOKS), which makes each schema-valid request als
 named `tool_choice`, a function of its `tools` (JSON Schema can't relate the two); ask for no
 more rows than --max-queue (`n` times the prompts: JSON Schema bounds each, not the product);
 give tools parameters that are valid JSON Schema (the document states the keywords tools
-mostly use, not JSON Schema's whole meta-schema); and on Ollama's routes name the loaded chat
-model. Ollama's streams (JSON lines) are read by `json_lines`. The server's context is made long
+mostly use, not JSON Schema's whole meta-schema); on Ollama's routes and LM Studio's
+`/api/v1/chat` and `/api/v1/models/load` name the chat model (their `context_length` left out: a
+fuzzed one would be a 400 for the loaded model, or could leave later prompts no room if the
+request loaded it; a load's `ttl` too), and unload the embedding model. Ollama's streams (JSON lines) are read by `json_lines`. The server's context is made long
 enough for any generated prompt (the prompt fitting the context is said only in words too).
 """
 
@@ -67,6 +69,13 @@ def before_call(ctx, case, kwargs) -> None:
         # Ollama's routes serve the loaded models' names only (any other is a 404, which the
         # document allows): name the chat model, so that requests generate.
         body["model"] = DEMO_MODEL_ID
+    if case.operation.path in ("/api/v1/chat", "/api/v1/models/load"):
+        body["model"] = DEMO_MODEL_ID
+        body.pop("context_length", None)
+        if case.operation.path.endswith("/load"):
+            body.pop("ttl", None)  # the model's TTL from now: 0 would unload it at once
+    if case.operation.path == "/api/v1/models/unload":
+        body["instance_id"] = EMBEDDING_ID  # (requests for it load it again)
     prompt, n = body.get("prompt"), body.get("n", 1)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if isinstance(n, int | float) and len(prompt) * n > MAX_QUEUE:
@@ -190,7 +199,19 @@ def test_openapi_states_what_the_ollama_routes_do(schema_server):
         schema_server,
         *("--phases", "coverage,fuzzing"),
         *("--max-examples", "20"),
-        paths="^/api/(?!v0/)",
+        paths="^/api/(?!v[01]/)",
+    )
+    assert_no_failures(result, schema_server)
+
+
+def test_openapi_states_what_the_lmstudio_v1_routes_do(schema_server):
+    """LM Studio's /api/v1: the model list, load and unload (unknown names: 404), and chat,
+    its result and its events."""
+    result = schemathesis_run(
+        schema_server,
+        *("--phases", "coverage,fuzzing"),
+        *("--max-examples", "20"),
+        paths="^/api/v1/",
     )
     assert_no_failures(result, schema_server)
 
@@ -228,7 +249,7 @@ def test_openapi_documents_the_server_limits(schema_server):
                 assert responses["400"]["content"]["application/json"]["schema"] == {
                     "$ref": f"#/components/schemas/{error}"
                 }
-            if path.endswith(("/chat/completions", "/completions", "/responses", "/messages")):
+            if path.endswith(("/completions", "/responses", "/messages")) or path == "/api/v1/chat":
                 assert "text/event-stream" in responses["200"]["content"], path
             if path in ("/api/chat", "/api/generate"):  # Ollama streams JSON lines
                 assert "application/x-ndjson" in responses["200"]["content"], path

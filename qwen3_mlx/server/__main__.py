@@ -29,7 +29,32 @@ def build_parser(prog: str = "python -m qwen3_mlx.server") -> argparse.ArgumentP
         "-m",
         action="append",
         metavar="PATH_OR_ID",
-        help="model directory or hub id; repeat to serve several (default: the built-in demo model)",
+        help="model directory or hub id, loaded at start; repeat to serve several (default: "
+        "none; models load on demand from the model directories)",
+    )
+    p.add_argument(
+        "--models-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="serve the Qwen3 checkpoints in DIR, each loaded when a request names it; repeat "
+        "for several (default without --model: Hugging Face's cache and ~/.lmstudio/models, "
+        "where they exist, else the built-in demo model; with --model: none)",
+    )
+    p.add_argument(
+        "--ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="idle seconds before a model loaded on demand is unloaded; a request's ttl "
+        "(LM Studio) or keep_alive (Ollama) wins; negative: never (default: 3600)",
+    )
+    p.add_argument(
+        "--max-loaded-models",
+        type=int,
+        metavar="N",
+        help="models loaded at once: loading another unloads the least recently used idle one "
+        "(default: no limit but memory)",
     )
     p.add_argument(
         "--embedding",
@@ -207,6 +232,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.server"
             ("--max-queue", args.max_queue),
             ("--max-tokens-limit", args.max_tokens_limit),
             ("--prefill-step", args.prefill_step),
+            ("--max-loaded-models", args.max_loaded_models),
         ):
             if value is not None and value < 1:
                 raise Qwen3MLXError(f"{name} {value}: must be at least 1")
@@ -222,8 +248,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.server"
     import uvicorn
 
     print(
-        f"qwen3-mlx server on http://{args.host}:{args.port}/v1 "
-        f"(models: {', '.join(m.id for m in app.state.registry)})",
+        f"qwen3-mlx server on http://{args.host}:{args.port}/v1 ({models_summary(app)})",
         file=sys.stderr,
         flush=True,
     )
@@ -243,18 +268,45 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
     )
 
 
+def models_summary(app) -> str:
+    loaded = [m.id for m in app.state.registry]
+    catalog = app.state.loader.catalog
+    text = f"models: {', '.join(loaded) or 'none loaded'}"
+    if catalog.dirs:
+        more = len([e for e in catalog.entries() if e.id not in loaded])
+        text += f"; {more} more on demand from {', '.join(map(str, catalog.dirs))}"
+    return text
+
+
 def build_app(args: argparse.Namespace, leader: bool = True):
     """The FastAPI app (its engine is `app.state.engine`). `--parallel` ranks other than 0 (not
     `leader`) load only the chat models, and their app is never served."""
+    from pathlib import Path
+
     from ..assets import resolve_model_argument
+    from ..errors import ConfigError
     from .app import Settings, create_app
+    from .catalog import CatalogEntry, ModelCatalog, default_model_dirs, demo_entry
     from .engine import Engine
+    from .loader import LoadOptions, ModelLoader
     from .models import ModelRegistry, is_embedding_model, load_served_model
 
+    if args.parallel and args.models_dir:
+        raise ConfigError(
+            "--models-dir: not with --parallel (every rank loads its models at start)"
+        )
+    # Models on demand: from --models-dir, or without --model from the default directories.
+    on_demand = not args.parallel and bool(args.models_dir or not args.model)
+    dirs = [Path(d).expanduser() for d in args.models_dir]
+    for d in dirs:
+        if not d.is_dir():
+            raise ConfigError(f"--models-dir {d}: no such directory")
+    if on_demand and not dirs:
+        dirs = default_model_dirs()
     sources = [(m, None) for m in (args.model or [])] + [(m, True) for m in args.embedding]
-    if not sources:
+    if not sources and not on_demand:
         sources = [(resolve_model_argument(None, notice=leader), None)]
-    models = []
+    models, given = [], []  # given: (what loaded each model, --embedding), to reload it
     for source, embedding in sources:
         if args.parallel and embedding is None:
             embedding = is_embedding_model(source, args.parallel)
@@ -274,9 +326,30 @@ def build_app(args: argparse.Namespace, leader: bool = True):
                 max_kv_size=args.max_kv_size,
             )
         )
+        given.append((source, embedding))
     if args.draft_model is not None or args.prompt_lookup is not None:
         add_drafting(models, args)
-    registry = ModelRegistry(models)
+    if args.max_loaded_models is not None and len(models) > args.max_loaded_models:
+        raise ConfigError(
+            f"--max-loaded-models {args.max_loaded_models}: fewer than the {len(models)} models "
+            "given to load at start"
+        )
+    pinned = [
+        CatalogEntry.of_loaded(m, source, embedding)
+        for m, (source, embedding) in zip(models, given, strict=True)
+    ]
+    catalog = ModelCatalog(dirs, pinned)
+    if not catalog.entries():
+        demo = demo_entry()
+        if demo is None:
+            raise ConfigError("no model to serve: give --model or --models-dir")
+        print(
+            "No model in the model directories: serving the built-in demo model, loaded when "
+            "first asked for",
+            file=sys.stderr,
+        )
+        catalog.pinned.append(demo)
+    registry = ModelRegistry(models, allow_empty=True)
     engine = Engine(
         models,
         max_concurrency=args.max_concurrency,
@@ -294,7 +367,21 @@ def build_app(args: argparse.Namespace, leader: bool = True):
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
         reasoning_format=args.reasoning_format,
     )
-    return create_app(registry, engine, settings)
+    loader = ModelLoader(
+        registry,
+        engine,
+        catalog,
+        options=LoadOptions(
+            context_length=args.context_length,
+            long_context=args.long_context,
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+            max_kv_size=args.max_kv_size,
+        ),
+        ttl=args.ttl if args.ttl >= 0 else None,
+        max_loaded=args.max_loaded_models,
+    )
+    return create_app(registry, engine, settings, loader)
 
 
 def add_drafting(models: list, args: argparse.Namespace) -> None:

@@ -2,11 +2,13 @@
 Ollama's `/api/chat`, `/api/generate`… over the engine.
 
 Here: the app's settings, its error handlers (every error leaves as `{"error": {...}}`; client
-mistakes are 4xx, a full queue is 503, and only a bug in this package is a 500), the middleware
-(Host, paths, CORS, API key, body size: guard.py), /health and /metrics (metrics.py). The operations and the table that
-serves them under both prefixes are in routes.py, Anthropic's Messages API in routes_anthropic.py
-and Ollama's API in routes_ollama.py (whose errors leave in their API's shape); a request's rows
-run through rows.py.
+mistakes are 4xx, a full queue or a model that can't be loaded now is 503, and only a bug in
+this package is a 500), the middleware (Host, paths, CORS, API key, body size: guard.py; the
+models a request holds: loader.HoldModels), /health and /metrics (metrics.py). The operations
+and the table that serves them under both prefixes are in routes.py, Anthropic's Messages API
+in routes_anthropic.py, Ollama's API in routes_ollama.py (whose errors leave in their API's
+shape) and LM Studio's `/api/v1` in routes_lmstudio.py; a request's rows run through rows.py.
+Models loaded on demand: catalog.py (what can be served) and loader.py (loads, TTL, eviction).
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from .guard import (
     error_response,
     has_api_key,
 )
+from .loader import HoldModels, LoadRefused, ModelLoader
 from .metrics import ServerMetrics
 from .models import ModelNotFound, ModelRegistry
 from .prepare import ApiError
 from .routes import Api, register
 from .routes_anthropic import AnthropicErrors, register_anthropic
+from .routes_lmstudio import register_lmstudio_v1
 from .routes_ollama import OllamaErrors, register_ollama
 
 log = logging.getLogger("qwen3_mlx.server")
@@ -60,9 +64,14 @@ class Settings:
 
 
 def create_app(
-    registry: ModelRegistry, engine: Engine, settings: Settings | None = None
+    registry: ModelRegistry,
+    engine: Engine,
+    settings: Settings | None = None,
+    loader: ModelLoader | None = None,
 ) -> FastAPI:
+    """`loader`: the models served on demand (default: the registry's, as they were loaded)."""
     settings = settings or Settings()
+    loader = loader or ModelLoader.serving(registry, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -85,6 +94,7 @@ def create_app(
     )
     app.state.engine = engine
     app.state.registry = registry
+    app.state.loader = loader
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -133,6 +143,12 @@ def create_app(
             503, str(exc), type="server_overloaded", code="queue_full", headers={"Retry-After": "1"}
         )
 
+    @app.exception_handler(LoadRefused)
+    async def on_load_refused(request: Request, exc: LoadRefused):
+        return error_response(
+            503, str(exc), type="server_overloaded", code=exc.code, headers={"Retry-After": "5"}
+        )
+
     @app.exception_handler(Qwen3MLXError)
     async def on_user_error(request: Request, exc: Qwen3MLXError):
         return error_response(400, str(exc))
@@ -162,11 +178,14 @@ def create_app(
     # API's shape.
     app.add_middleware(AnthropicErrors)
     app.add_middleware(OllamaErrors)
+    # A request holds the models it names until its response (a stream too) has been sent.
+    app.add_middleware(HoldModels, loader=loader)
 
-    api = Api(registry, engine, settings)
+    api = Api(registry, engine, settings, loader)
     register(app, api)
     register_anthropic(app, api)
     register_ollama(app, api)
+    register_lmstudio_v1(app, api)
 
     metrics = ServerMetrics(engine, registry)
     engine.on_finished = metrics.finished

@@ -20,7 +20,9 @@ alone with a `Failed` event; a batched step that fails is retried row by row to 
 offender; the loop itself never dies. MLX arrays are only made on this thread.
 
 Nothing else in the server touches MLX: HTTP handlers submit `GenerationRequest`s and read
-events from a `Channel`; embeddings and other model calls go through `Engine.call`.
+events from a `Channel`; embeddings and other model calls go through `Engine.call`. (A model
+loaded on demand is read on a worker thread with every array evaluated there, then handed to
+this thread, which warms it up and serves it: residency.py.)
 
 `--parallel` (under mlx.launch): every rank runs this same loop on its shard of the model, in
 lockstep. Rank 0 alone serves HTTP. `_admit` is the single place where anything from outside
@@ -51,6 +53,7 @@ from .jobs import Channel, Discard, EngineBusy, Failed, Finished, GenerationRequ
 from .models import LoadedModel
 from .prefill import PrefillLoop
 from .prefix import PREFIX_MIN, PrefixStore, kv_bytes_per_token
+from .residency import Residency
 
 __all__ = [
     "Channel",
@@ -73,7 +76,7 @@ IDLE_TURN = 0.05
 # -- the engine --------------------------------------------------------------------------------
 
 
-class Engine(PrefillLoop, DecodeLoop):
+class Engine(PrefillLoop, DecodeLoop, Residency):
     def __init__(
         self,
         models: list[LoadedModel],
@@ -105,6 +108,8 @@ class Engine(PrefillLoop, DecodeLoop):
             None,
         )
         self.leader = self._sync is None or self._sync.is_leader
+        self.prefix_cache_entries = prefix_cache_entries  # each model's store (residency.py too)
+        self.prefix_cache_bytes = prefix_cache_bytes
         self._prefixes = {
             m.id: PrefixStore(
                 prefix_cache_entries,

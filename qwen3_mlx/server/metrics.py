@@ -3,14 +3,13 @@
 Counted as requests end (the engine calls `finished` with each request's `Finished`): requests
 by model and finish reason, prompt, generated and prefix-cached tokens, time to first token and
 time per output token. Read at each scrape: requests running, prefilling and queued, requests
-that failed or whose client left, decode steps, loaded models and their weights' bytes, and
-MLX's memory.
+that failed or whose client left, decode steps, loaded models and their weights' bytes (models
+come and go: loader.py), loads per model, and MLX's memory.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
@@ -86,14 +85,7 @@ class _Engine:
 
     def __init__(self, engine, models) -> None:
         self.engine = engine
-        self.models = models
-        self._bytes: dict[str, int] = {}
-
-    def _weights_bytes(self, loaded) -> int:
-        if loaded.id not in self._bytes:
-            params = tree_flatten(loaded.model.parameters())
-            self._bytes[loaded.id] = sum(v.nbytes for _, v in params)
-        return self._bytes[loaded.id]
+        self.models = models  # the ModelRegistry: the models loaded now, and loads so far
 
     def collect(self):
         stats = self.engine.stats()
@@ -118,9 +110,17 @@ class _Engine:
         )
         for m in self.models:
             loaded.add_metric([m.id, m.kind], 1)
-            weights.add_metric([m.id], self._weights_bytes(m))
+            weights.add_metric([m.id], m.weights_bytes)
         yield loaded
         yield weights
+        loads = CounterMetricFamily(
+            f"{PREFIX}_model_loads",
+            "Times a model was loaded (at start or on demand)",
+            labels=["model"],
+        )
+        for model_id, count in sorted(getattr(self.models, "loads", {}).items()):
+            loads.add_metric([model_id], count)
+        yield loads
         yield GaugeMetricFamily(
             f"{PREFIX}_memory_active_bytes", "MLX's memory in use", value=mx.get_active_memory()
         )

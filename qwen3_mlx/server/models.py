@@ -8,9 +8,13 @@ checkpoints have the same architecture, so they are recognised by their files: s
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from mlx.utils import tree_flatten
 
 from ..cache import enable_long_context, make_cache
 from ..config import generation_config as read_generation_config
@@ -72,15 +76,16 @@ class LoadedModel:
 
     @property
     def quantization(self) -> str:
-        quant = quantization_of(self.config)
-        if quant and "bits" in quant:
-            return f"{quant['bits']}bit"
-        dtype = str(self.config.get("torch_dtype") or self.config.get("dtype") or "float32")
-        return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+        return quantization_label(self.config)
 
     @property
     def capabilities(self) -> list[str]:
-        return ["tool_use", "structured_output", "reasoning"] if self.kind == "llm" else []
+        return capabilities_of(self.kind)
+
+    @cached_property
+    def weights_bytes(self) -> int:
+        """The memory its weights take (arrays' sizes are metadata: nothing is evaluated)."""
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -90,6 +95,19 @@ class LoadedModel:
         if end_of_text is not None:
             ids.add(end_of_text)  # ends raw completions too
         return ids
+
+
+def quantization_label(config: dict[str, Any]) -> str:
+    """LM Studio's name for a checkpoint's precision: `4bit`, `bf16`, `fp32`…"""
+    quant = quantization_of(config)
+    if quant and "bits" in quant:
+        return f"{quant['bits']}bit"
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+
+
+def capabilities_of(kind: str) -> list[str]:
+    return ["tool_use", "structured_output", "reasoning"] if kind == "llm" else []
 
 
 def _as_list(value) -> list[int]:
@@ -205,17 +223,33 @@ class ModelNotFound(LookupError):
 
 
 class ModelRegistry:
-    """Name → model. With one model loaded, every name is served by it (LM Studio does this)."""
+    """Name → loaded model. Models come and go while the server runs (loader.py adds and removes
+    them on the event loop); readers in worker threads iterate a snapshot.
 
-    def __init__(self, models: list[LoadedModel]):
-        if not models:
+    `any_name`: with one model loaded, every name is served by it (LM Studio does this). The
+    loader turns it off when the server has model directories: then a name must be one of theirs.
+    """
+
+    def __init__(self, models: list[LoadedModel], *, allow_empty: bool = False):
+        if not models and not allow_empty:
             raise ConfigError("no model to serve")
-        self.models = {m.id: m for m in models}
-        if len(self.models) != len(models):
-            raise ConfigError("two --model arguments resolve to the same name")
+        self.models: dict[str, LoadedModel] = {}
+        self.loads: Counter[str] = Counter()  # loads per model id (GET /metrics)
+        self.any_name = True
+        for m in models:
+            if m.id in self.models:
+                raise ConfigError("two --model arguments resolve to the same name")
+            self.add(m)
+
+    def add(self, model: LoadedModel) -> None:
+        self.models[model.id] = model
+        self.loads[model.id] += 1
+
+    def remove(self, model_id: str) -> LoadedModel | None:
+        return self.models.pop(model_id, None)
 
     def __iter__(self):
-        return iter(self.models.values())
+        return iter(list(self.models.values()))
 
     def __len__(self):
         return len(self.models)
@@ -225,22 +259,26 @@ class ModelRegistry:
         if name in self.models:
             return self.models[name]
         lowered = name.lower()
-        for m in self.models.values():
+        for m in list(self.models.values()):
             if lowered in (m.id.lower(), m.id.lower().split("/")[-1]):
                 return m
         return None
 
     def get(self, name: str | None, kind: str | None = None) -> LoadedModel:
-        candidates = [m for m in self.models.values() if kind is None or m.kind == kind]
+        models = list(self.models.values())
+        candidates = [m for m in models if kind is None or m.kind == kind]
         found = self.find(name) if name else None
         if found is not None:
             return found
-        if len(self.models) == 1:
-            return next(iter(self.models.values()))
+        if len(models) == 1 and (self.any_name or not name):
+            return models[0]
         if not name and len(candidates) == 1:
             return candidates[0]
+        names = ", ".join(sorted(self.models)) or "none"
         raise ModelNotFound(
-            f"model {name!r} is not loaded; loaded: {', '.join(sorted(self.models))}"
+            f"model {name!r} is not loaded; loaded: {names}"
             if name
-            else f"several models are loaded ({', '.join(sorted(self.models))}): name one in 'model'"
+            else f"several models are loaded ({names}): name one in 'model'"
+            if models
+            else "no model is loaded: name one in 'model' (GET /v1/models lists them)"
         )

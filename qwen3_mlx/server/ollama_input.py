@@ -12,6 +12,7 @@ budgets). `/api/generate` is a one-turn chat (its `system` and `prompt`), or wit
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -24,6 +25,36 @@ from .protocol.ollama import (
     OllamaMessage,
 )
 from .responses_input import first_error
+
+# Seconds per unit of a Go duration (Ollama's `keep_alive` strings).
+DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1,
+    "m": 60,
+    "h": 3600,
+}
+_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def keep_alive_seconds(value: float | str | None) -> Any:
+    """`keep_alive` as the model's idle TTL in seconds: a number of seconds or a Go duration
+    ("5m", "1h30m"); negative: stay loaded (None); left out: UNSET (the model's own)."""
+    from .loader import UNSET
+
+    if value is None:
+        return UNSET
+    if isinstance(value, str):
+        sign = -1 if value.startswith("-") else 1
+        parts = _DURATION_PART.findall(value.lstrip("+-"))
+        value = sign * sum(float(n or 0) * DURATION_UNITS[unit] for n, unit in parts)
+    if math.isnan(value):
+        return UNSET
+    return None if value < 0 or math.isinf(value) else float(value)
+
 
 # Chat's names for what Ollama calls otherwise: an error about one names Ollama's field.
 OLLAMA_NAMES = {"max_tokens": "options.num_predict", "response_format": "format"}

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .engine import Engine
+from .loader import UNSET, ModelLoader
 from .models import LoadedModel, ModelRegistry
 from .output.chat import ChatCollector, ChatStreamer
 from .output.common import Thinking, reasoning_format
@@ -76,9 +77,11 @@ ERRORS = {
     401: "Missing or wrong API key (only when the server runs with --api-key).",
     403: "The Host header names a host this server doesn't answer for (a guard against DNS "
     "rebinding; see --allowed-hosts).",
-    404: "No such model (with several loaded, `model` must name one of them).",
+    404: "No such model (with several to serve, `model` must name one of them).",
     413: "The request body is over the server's limit (--max-body-mb).",
-    503: "The queue is full (--max-queue): retry after the `Retry-After` header's seconds.",
+    503: "The queue is full (--max-queue), or the model can't be loaded now (--max-loaded-models "
+    "reached with every model serving requests, or not enough memory): retry after the "
+    "`Retry-After` header's seconds.",
 }
 ERROR_HEADERS = {
     401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
@@ -258,13 +261,31 @@ def _endpoint(operation, lmstudio: bool):
     return endpoint
 
 
+def ttl_of(body) -> float | None:
+    """A request's `ttl` (LM Studio's), or UNSET when it gives none."""
+    ttl = getattr(body, "ttl", None)
+    return UNSET if ttl is None else ttl
+
+
 class Api:
-    def __init__(self, registry: ModelRegistry, engine: Engine, settings):
+    def __init__(
+        self, registry: ModelRegistry, engine: Engine, settings, loader: ModelLoader | None = None
+    ):
         self.registry, self.engine, self.settings = registry, engine, settings
+        if loader is None and registry is not None:
+            loader = ModelLoader.serving(registry, engine)
+        self.loader = loader
         self.limits = Limits(max_tokens=settings.max_tokens_limit)
 
     def resolve(self, name: str | None) -> LoadedModel:
-        return self.registry.get(name, kind="llm")
+        """A loaded chat model, held until the response ends (not loaded: a 404; `load`
+        loads it)."""
+        return self.loader.acquire_loaded(name, kind="llm")
+
+    async def load(self, name: str | None, kind: str = "llm", ttl=UNSET) -> LoadedModel:
+        """The model `name` names, loaded if it is not (loader.py), held until the response
+        ends; `ttl` (LM Studio's): its idle TTL if this request loads it."""
+        return (await self.loader.acquire(name, kind=kind, ttl=ttl)).model
 
     def check_rows(self, count: int, param: str) -> None:
         """Refuse, before any work, a request for more rows than the engine's queue holds."""
@@ -283,19 +304,21 @@ class Api:
 
     # -- models -------------------------------------------------------------------------
 
+    # Every model the server can serve, loaded or not (catalog.py); naming one loads nothing.
     async def list_models(self, lmstudio: bool):
+        listing = await run_in_threadpool(self.loader.listing)
         if lmstudio:
-            return LMStudioModelList(data=[model_card(m) for m in self.registry])
-        return ModelList(data=[ModelCard(id=m.id) for m in self.registry])
+            return LMStudioModelList(data=[model_card(m or e) for e, m in listing])
+        return ModelList(data=[ModelCard(id=(m or e).id) for e, m in listing])
 
     async def get_model(self, model_id: str, lmstudio: bool):
-        model = self.registry.get(model_id)
-        return model_card(model) if lmstudio else ModelCard(id=model.id)
+        found = await run_in_threadpool(self.loader.lookup, model_id)
+        return model_card(found) if lmstudio else ModelCard(id=found.id)
 
     # -- chat ---------------------------------------------------------------------------
 
     async def chat(self, http: Request, body: ChatCompletionRequest, lmstudio: bool):
-        model = self.resolve(body.model)
+        model = await self.load(body.model, ttl=ttl_of(body))
         self.check_rows(body.n, "n")
 
         def prepare():
@@ -330,7 +353,7 @@ class Api:
     # -- text completions ---------------------------------------------------------------
 
     async def completions(self, http: Request, body: CompletionRequest, lmstudio: bool):
-        model = self.resolve(body.model)
+        model = await self.load(body.model, ttl=ttl_of(body))
         n, prompts = body.n, len(completion_prompts(body))
         self.check_rows(n * prompts, "prompt" if prompts > 1 else "n")
 
@@ -376,7 +399,7 @@ class Api:
     # -- embeddings ---------------------------------------------------------------------
 
     async def embeddings(self, body: EmbeddingRequest, lmstudio: bool):
-        model = self.registry.get(body.model, kind="embeddings")
+        model = await self.load(body.model, kind="embeddings", ttl=ttl_of(body))
         if model.kind != "embeddings":
             raise ApiError(
                 400,

@@ -86,7 +86,7 @@ class AnthropicApi:
 
     async def messages(self, http: Request, body: MessagesRequest):
         chat = anthropic_to_chat(body)
-        model = self.api.resolve(chat.model)
+        model = await self.api.load(chat.model)
         prepared = await run_in_threadpool(prepare_chat, chat, model, self.api.limits)
         running = self.api.start(model, [[prepared.sequence]])
         display = getattr(body.thinking, "display", None)
@@ -113,7 +113,7 @@ class AnthropicApi:
 
     async def count_tokens(self, body: CountTokensRequest):
         chat = anthropic_to_chat(body)
-        model = self.api.resolve(chat.model)
+        model = await self.api.load(chat.model)
         prepared = await run_in_threadpool(prepare_chat, chat, model, self.api.limits)
         return AnthropicTokenCount(input_tokens=len(prepared.prompt))
 

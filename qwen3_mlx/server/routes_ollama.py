@@ -7,12 +7,14 @@ tokens, limits, sampling, grammar, thinking budget), the engine, and output.olla
 records. Ollama streams unless a request says `"stream": false`: JSON lines
 (`application/x-ndjson`), the last with `done: true`.
 
-Model names are Ollama's: a request must name a loaded model (as `/api/tags` lists it, `:latest`
-or not, in any case), else a 404 `model 'x' not found`, as Ollama answers; the OpenAI routes'
-"one model serves every name" doesn't hold here. Errors on `/api/*` (all but LM Studio's
-`/api/v0`), the guards' included, leave in Ollama's shape `{"error": "message"}`
-(`OllamaErrors`). `keep_alive` is accepted and not applied: models stay loaded while the server
-runs.
+Model names are Ollama's: a request must name a model the server has (as `/api/tags` lists it,
+`:latest` or not, in any case), else a 404 `model 'x' not found`, as Ollama answers; the OpenAI
+routes' "one model serves every name" doesn't hold here. A model not loaded is loaded
+(loader.py; the reply's `load_duration` says how long it took), and `keep_alive` becomes its idle
+TTL (0: unloaded when the request ends; negative: stays loaded); a request with nothing to
+generate and `keep_alive: 0` unloads it, as Ollama's does. Errors on `/api/*` (all but LM
+Studio's `/api/v0` and `/api/v1`), the guards' included, leave in Ollama's shape
+`{"error": "message"}` (`OllamaErrors`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from .catalog import CatalogEntry
 from .guard import ErrorReshaper
-from .models import LoadedModel
-from .ollama_input import chat_of, generate_of, ollama_error
+from .loader import Lease
+from .models import LoadedModel, ModelNotFound
+from .ollama_input import chat_of, generate_of, keep_alive_seconds, ollama_error
 from .output.ollama import NDJSON, Records, entry, error_line, loaded, running, show
 from .prepare import ApiError, check_generates, prepare_chat, prepare_completion
 from .protocol import ChatCompletionRequest
@@ -53,13 +57,14 @@ INVALID = (
     "prompt longer than the model's context, `num_predict` over --max-tokens-limit, images, "
     "a `suffix`…)."
 )
-NOT_FOUND = "No loaded model has this name (`model 'x' not found`)."
+NOT_FOUND = "No model of the server has this name (`model 'x' not found`)."
 
 
 def is_ollama(path: str) -> bool:
-    """Ollama's paths: `/api/*` but LM Studio's `/api/v0`."""
+    """Ollama's paths: `/api/*` but LM Studio's `/api/v0` and `/api/v1`."""
     path = path.rstrip("/")
-    return path.startswith("/api/") and not (path == "/api/v0" or path.startswith("/api/v0/"))
+    lmstudio = any(path == p or path.startswith(p + "/") for p in ("/api/v0", "/api/v1"))
+    return path.startswith("/api/") and not lmstudio
 
 
 def responses_of(errors: tuple[int, ...], record: type | None = None) -> dict:
@@ -93,32 +98,55 @@ class OllamaApi:
     def __init__(self, api: Api):
         self.api = api
 
-    def resolve(self, name: str) -> LoadedModel:
-        """The loaded model `name` names (Ollama's `:latest` tag optional), else a 404."""
-        found = self.api.registry.find(name)
-        if found is None and name.endswith(":latest"):
-            found = self.api.registry.find(name.removesuffix(":latest"))
-        if found is None:
-            raise ApiError(404, f"model '{name}' not found", param="model")
-        return found
+    def lookup(self, name: str) -> LoadedModel | CatalogEntry:
+        """The model `name` names (Ollama's `:latest` tag optional), loaded or not, else a 404."""
+        for candidate in (name, name.removesuffix(":latest")):
+            try:
+                return self.api.loader.lookup(candidate, any_name=False)
+            except ModelNotFound:
+                pass
+        raise ApiError(404, f"model '{name}' not found", param="model")
+
+    async def acquire(self, name: str, keep_alive=None) -> Lease:
+        """The model `name` names, loaded if it is not; `keep_alive` becomes its TTL."""
+        found = self.lookup(name)
+        return await self.api.loader.acquire(
+            found.id, keep_alive=keep_alive_seconds(keep_alive), any_name=False
+        )
+
+    async def _load_request(self, body, chat: bool) -> JSONResponse:
+        """Nothing to generate: Ollama's way to load a model, or with `keep_alive: 0` to unload
+        it (when the requests it serves have ended)."""
+        ttl = keep_alive_seconds(body.keep_alive)
+        found = self.lookup(body.model)
+        if found.kind != "llm":
+            check_generates(found)  # a 400: an embedding model (nothing is loaded for it)
+        if ttl == 0:
+            if isinstance(found, LoadedModel):
+                self.api.loader.set_ttl(found.id, 0.0)
+            return JSONResponse(loaded(body.model, chat=chat, reason="unload"))
+        await self.api.loader.acquire(found.id, keep_alive=ttl, any_name=False)
+        return JSONResponse(loaded(body.model, chat=chat))
 
     async def chat(self, http: Request, body: OllamaChatRequest):
         started = time.perf_counter()
-        model = self.resolve(body.model)
-        check_generates(model)  # also for a load request: it must name a chat model
         if not body.messages:
-            return JSONResponse(loaded(body.model, chat=True))
-        return await self._run(http, model, chat_of(body), body, started, chat=True)
+            return await self._load_request(body, chat=True)
+        lease = await self.acquire(body.model, body.keep_alive)
+        check_generates(lease.model)
+        return await self._run(http, lease, chat_of(body), body, started, chat=True)
 
     async def generate(self, http: Request, body: OllamaGenerateRequest):
         started = time.perf_counter()
-        model = self.resolve(body.model)
-        check_generates(model)
         if not body.prompt:
-            return JSONResponse(loaded(body.model, chat=False))
-        return await self._run(http, model, generate_of(body), body, started, chat=False)
+            return await self._load_request(body, chat=False)
+        lease = await self.acquire(body.model, body.keep_alive)
+        check_generates(lease.model)
+        return await self._run(http, lease, generate_of(body), body, started, chat=False)
 
-    async def _run(self, http: Request, model: LoadedModel, request, body, started, chat: bool):
+    async def _run(self, http: Request, lease: Lease, request, body, started, chat: bool):
+        model = lease.model
+
         def prepare():
             if isinstance(request, ChatCompletionRequest):
                 return prepare_chat(request, model, self.api.limits)
@@ -135,6 +163,7 @@ class OllamaApi:
             streaming=body.stream,
             started=started,
             raw=not isinstance(request, ChatCompletionRequest),
+            load=lease.load_seconds or 0.0,
         )
         if body.stream:
             return running_rows.stream(
@@ -154,14 +183,20 @@ class OllamaApi:
     # FastAPI's thread pool rather than on the event loop.
 
     def tags(self) -> OllamaModelList:
-        return OllamaModelList(models=[entry(m) for m in self.api.registry])
+        """Every model the server can serve, loaded or not."""
+        listing = self.api.loader.listing()
+        return OllamaModelList(models=[entry(m or e) for e, m in listing])
 
-    def show(self, body: OllamaShowRequest) -> OllamaShowResponse:
-        return show(self.resolve(body.model))
+    async def show(self, body: OllamaShowRequest) -> OllamaShowResponse:
+        """A model's details, read from it loaded (a model not loaded is loaded first)."""
+        model = (await self.acquire(body.model)).model
+        return await run_in_threadpool(show, model)
 
     def ps(self) -> OllamaRunningList:
         on_gpu = mx.default_device().type == mx.DeviceType.gpu
-        return OllamaRunningList(models=[running(m, on_gpu) for m in self.api.registry])
+        loader = self.api.loader
+        models = [running(m, on_gpu, loader.expires_at(m.id)) for m in self.api.registry]
+        return OllamaRunningList(models=models)
 
     def version(self) -> OllamaVersion:
         return OllamaVersion(version=OLLAMA_API_VERSION)

@@ -1,5 +1,5 @@
 """What LM Studio's `/api/v0` adds to the `/v1` replies: `stats`, `model_info`, `runtime`, and
-its model cards (type, arch, quantization, context length, capabilities)."""
+its model cards (type, arch, quantization, context length, capabilities, loaded or not)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from ..catalog import CatalogEntry
 from ..jobs import Finished
 from ..models import LoadedModel
 from ..protocol import LMStudioModel, ModelInfo, Runtime, Stats
@@ -56,13 +57,16 @@ def extras(model: LoadedModel, finished: Sequence[Finished], lmstudio: bool) -> 
     return {"stats": stats_of(finished), "model_info": model_info_of(model), "runtime": runtime()}
 
 
-def model_card(m: LoadedModel) -> LMStudioModel:
+def model_card(m: LoadedModel | CatalogEntry) -> LMStudioModel:
+    """A model's card: loaded, or a checkpoint of the catalog that a request would load."""
+    loaded = isinstance(m, LoadedModel)
     return LMStudioModel(
         id=m.id,
         type=m.kind,
         publisher=m.publisher,
         arch=m.arch,
         quantization=m.quantization,
-        max_context_length=m.context_length,
+        state="loaded" if loaded else "not-loaded",
+        max_context_length=m.context_length if loaded else m.native_context_length,
         capabilities=m.capabilities,
     )

@@ -17,8 +17,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from mlx.utils import tree_flatten
-
+from ..catalog import CatalogEntry
 from ..jobs import EngineBusy, Finished
 from ..models import LoadedModel
 from ..prepare import ApiError
@@ -64,9 +63,12 @@ class Records:
     (`response`, `thinking`). `name`: the model as the request named it (Ollama echoes it).
     `raw` (a raw or templated prompt): the text as the model wrote it, thinking tags and all."""
 
-    def __init__(self, *, name: str, chat: bool, streaming: bool, started: float, raw=False):
+    def __init__(
+        self, *, name: str, chat: bool, streaming: bool, started: float, raw=False, load=0.0
+    ):
         self.name, self.chat, self.streaming, self.started = name, chat, streaming, started
         self.raw = raw
+        self.load_seconds = load  # the load this request waited for (0: the model was loaded)
         self.thinking: list[str] = []
         self.content: list[str] = []
         self.calls: dict[int, dict[str, str]] = {}  # index → id, name, arguments JSON so far
@@ -120,8 +122,7 @@ class Records:
             "done": True,
             "done_reason": "length" if finish_reason(finished) == "length" else "stop",
             "total_duration": nanoseconds(time.perf_counter() - self.started),
-            # The model was loaded at start-up, before any request.
-            "load_duration": 0,
+            "load_duration": nanoseconds(self.load_seconds),
             "prompt_eval_count": finished.prompt_tokens,
             "prompt_eval_duration": nanoseconds(finished.time_to_first_token),
             "eval_count": finished.completion_tokens,
@@ -139,9 +140,10 @@ class Records:
         return dump(self.final)
 
 
-def loaded(name: str, *, chat: bool) -> dict[str, Any]:
-    """The reply to a request with nothing to generate (Ollama's way to load a model)."""
-    done = {"model": name, "created_at": timestamp(), "done": True, "done_reason": "load"}
+def loaded(name: str, *, chat: bool, reason: str = "load") -> dict[str, Any]:
+    """The reply to a request with nothing to generate (Ollama's way to load a model, or with
+    `keep_alive: 0` to unload it: `reason` "unload")."""
+    done = {"model": name, "created_at": timestamp(), "done": True, "done_reason": reason}
     record = OllamaChatRecord(**done) if chat else OllamaGenerateRecord(**done)
     return dump(record)
 
@@ -149,20 +151,23 @@ def loaded(name: str, *, chat: bool) -> dict[str, Any]:
 # -- the models ----------------------------------------------------------------------------------
 
 
-def ollama_name(model: LoadedModel) -> str:
+Listed = LoadedModel | CatalogEntry  # /api/tags lists the models not loaded too
+
+
+def ollama_name(model: Listed) -> str:
     """The name Ollama's listings give: `name:tag`, the tag `latest` unless the id has one."""
     return model.id if ":" in model.id.rsplit("/", 1)[-1] else model.id + ":latest"
 
 
-def _files(model: LoadedModel) -> list:
+def _files(model: Listed) -> list:
     return sorted(p for p in model.path.iterdir() if p.is_file())
 
 
-def disk_size(model: LoadedModel) -> int:
+def disk_size(model: Listed) -> int:
     return sum(p.stat().st_size for p in _files(model) if p.suffix == ".safetensors")
 
 
-def digest(model: LoadedModel) -> str:
+def digest(model: Listed) -> str:
     """A stable id of the checkpoint: its files' names, sizes and times (hashing the weights
     themselves would read gigabytes per listing)."""
     h = hashlib.sha256()
@@ -172,7 +177,7 @@ def digest(model: LoadedModel) -> str:
     return h.hexdigest()
 
 
-def modified_at(model: LoadedModel) -> str:
+def modified_at(model: Listed) -> str:
     return timestamp(max(p.stat().st_mtime for p in _files(model)))
 
 
@@ -199,16 +204,18 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def details(model: LoadedModel) -> OllamaModelDetails:
+def details(model: Listed) -> OllamaModelDetails:
+    loaded = isinstance(model, LoadedModel)
+    count = parameter_count(model) if loaded else model.parameter_count
     return OllamaModelDetails(
         family=model.arch,
         families=[model.arch],
-        parameter_size=human_count(parameter_count(model)),
+        parameter_size=human_count(count),
         quantization_level=model.quantization,
     )
 
 
-def entry(model: LoadedModel) -> OllamaModelEntry:
+def entry(model: Listed) -> OllamaModelEntry:
     name = ollama_name(model)
     return OllamaModelEntry(
         name=name,
@@ -220,27 +227,24 @@ def entry(model: LoadedModel) -> OllamaModelEntry:
     )
 
 
-# Models stay loaded while the server runs: Ollama's "never expires" is a time far ahead.
+# A model with no TTL stays loaded: Ollama's "never expires" is a time far ahead.
 NEVER = "2318-01-01T00:00:00Z"
 
 
-def running(model: LoadedModel, on_gpu: bool) -> OllamaRunningModel:
+def running(model: LoadedModel, on_gpu: bool, expires: float | None) -> OllamaRunningModel:
+    """`expires`: when (time.time()) its TTL unloads it if no request comes; None: never."""
     card = entry(model)
-    size = sum(v.nbytes for _, v in _arrays(model))
+    size = model.weights_bytes
     return OllamaRunningModel(
         name=card.name,
         model=card.model,
         size=size,
         digest=card.digest,
         details=card.details,
-        expires_at=NEVER,
+        expires_at=NEVER if expires is None else timestamp(expires),
         size_vram=size if on_gpu else 0,
         context_length=model.context_length,
     )
-
-
-def _arrays(model: LoadedModel):
-    return tree_flatten(model.model.parameters())
 
 
 def capabilities(model: LoadedModel) -> list[str]:

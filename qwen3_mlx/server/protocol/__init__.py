@@ -3,13 +3,14 @@
 Requests are validated here, so a bad field becomes a 400 naming it before any work is queued.
 Their fields are typed strictly, as OpenAI's are (`"n": "2"` is a 400, not 2). Unknown request
 fields are ignored, as OpenAI-compatible servers (LM Studio, vLLM) do: clients send vendor
-extras (`user`, `ttl`, Qwen-Agent's `extra` on messages) that must not fail a request.
+extras (Qwen-Agent's `extra` on messages…) that must not fail a request.
 
 One module per job: `common` (base classes, Unicode check, error object, bounded types, shared
 validators, usage), `sampling` (the generation knobs chat and completions share, response_format),
 `chat`, `completions`, `embeddings`, `models`, `lmstudio` (LM Studio's additions) and `responses`;
-and `anthropic` (Anthropic's Messages API) and `ollama` (Ollama's API), each imported from its
-own module: their names (TextBlock, ContentBlock, StopReason…) belong to that API alone.
+and `anthropic` (Anthropic's Messages API), `ollama` (Ollama's API) and `lmstudio_v1` (LM
+Studio's native `/api/v1`), each imported from its own module: their names (TextBlock,
+ContentBlock, StopReason…) belong to that API alone.
 The OpenAPI document (/openapi.json) is generated from these classes, so the constraints a
 validator enforces are also stated in the JSON Schema of the field (see `common`: what the
 document states). Every name but `anthropic`'s and `ollama`'s is importable from here

@@ -18,6 +18,7 @@ from .common import (
     model_name,
     token_ids_schema,
 )
+from .sampling import TTL_DESCRIPTION
 
 MAX_INPUTS = 2048
 
@@ -43,6 +44,7 @@ class EmbeddingRequest(Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: integer(1, INT32_MAX) | None = None
     user: str | None = None
+    ttl: integer(0, INT32_MAX) | None = Field(None, description=TTL_DESCRIPTION)
 
     @field_validator("input")
     @classmethod

@@ -127,7 +127,9 @@ class GenerateFields(Request):
     )
     keep_alive: float | str | None = Field(
         None,
-        description="Accepted, not applied: the server keeps its models loaded while it runs.",
+        description="The model's idle TTL: seconds, or a duration ('5m'); 0: unloaded when this "
+        'request ends (with nothing to generate: at once, `done_reason: "unload"`); '
+        "negative: it stays loaded. Left out: the model's own (--ttl if loaded on demand).",
         json_schema_extra=lambda schema: schema["anyOf"][1].update(pattern=GO_DURATION),
     )
 
@@ -165,14 +167,17 @@ class OllamaChatRequest(GenerateFields):
     messages: list[OllamaMessage] = Field(
         default_factory=list,
         description="The conversation; empty: nothing is generated (Ollama's way to load a "
-        'model), the reply says `done_reason: "load"`.',
+        'model, or with `keep_alive: 0` to unload it), the reply says `done_reason: "load"` '
+        '(or "unload").',
     )
     tools: list[ChatTool] | None = None
 
 
 class OllamaGenerateRequest(GenerateFields):
     prompt: str | None = Field(
-        None, description='Empty or left out: nothing is generated (`done_reason: "load"`).'
+        None,
+        description='Empty or left out: nothing is generated (`done_reason: "load"`, or '
+        '"unload" with `keep_alive: 0`).',
     )
     system: str | None = None
     template: str | None = Field(
@@ -228,7 +233,7 @@ class _Done(Schema):
     """What the final record (`done: true`) adds: why, and the timings in nanoseconds."""
 
     done: bool = False
-    done_reason: Literal["stop", "length", "load"] | None = None
+    done_reason: Literal["stop", "length", "load", "unload"] | None = None
     total_duration: int | None = None
     load_duration: int | None = None
     prompt_eval_count: int | None = None

@@ -27,6 +27,10 @@ from .common import (
 )
 
 MAX_STOP = 16
+TTL_DESCRIPTION = (
+    "LM Studio's idle TTL, if this request loads the model: seconds it stays loaded after its "
+    "last request (default: the server's --ttl; a model already loaded keeps its own)."
+)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # an int64 or a uint64 (taken modulo 2**64)
 # A repetition penalty divides logits: one below float32's normal range (~1.2e-38) makes them
 # infinite (and the logprobs not JSON). Any penalty a client means is far above this.
@@ -128,6 +132,7 @@ class SamplingFields(Request):
         json_schema_extra={SERVER_LIMIT: "choices"},
     )
     user: str | None = None
+    ttl: integer(0, INT32_MAX) | None = Field(None, description=TTL_DESCRIPTION)
 
     @field_validator("stop")
     @classmethod
