@@ -120,7 +120,10 @@ def test_unknown_routes_and_embedding_on_a_chat_model(demo_server):
         code="model_not_embedding",
     )
     assert_error(
-        post(demo_server, "/responses", {"input": "hi", "previous_response_id": "resp_1"}), 400
+        post(demo_server, "/responses", {"input": "hi", "previous_response_id": "resp_1"}),
+        404,
+        param="previous_response_id",
+        code="response_not_found",
     )
 
 

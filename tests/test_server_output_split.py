@@ -149,6 +149,9 @@ class FakeEngine:
     def wake(self):
         self.woken += 1
 
+    def withdraw(self, request):
+        pass
+
 
 class Client:
     async def is_disconnected(self):

@@ -116,6 +116,19 @@ def build_parser(prog: str = "python -m qwen3_mlx.server") -> argparse.ArgumentP
         "--max-body-mb", type=float, default=16.0, help="largest request body (default: 16 MB)"
     )
     p.add_argument(
+        "--responses-store-size",
+        type=int,
+        default=512,
+        help="Responses API responses kept for GET and previous_response_id, the latest first "
+        "(default: 512; 0 keeps none)",
+    )
+    p.add_argument(
+        "--responses-max-age",
+        type=float,
+        default=3600.0,
+        help="seconds a stored response is kept (default: 3600)",
+    )
+    p.add_argument(
         "--long-context",
         action="store_true",
         help="YaRN to 131,072 tokens (Qwen's factor 4 over 32,768), as the other CLIs have it",
@@ -366,6 +379,8 @@ def build_app(args: argparse.Namespace, leader: bool = True):
         bind_host=args.host,
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
         reasoning_format=args.reasoning_format,
+        responses_store_size=max(args.responses_store_size, 0),
+        responses_max_age=args.responses_max_age,
     )
     loader = ModelLoader(
         registry,

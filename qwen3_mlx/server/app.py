@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from .routes import Api, register
 from .routes_anthropic import AnthropicErrors, register_anthropic
 from .routes_lmstudio import register_lmstudio_v1
 from .routes_ollama import OllamaErrors, register_ollama
+from .routes_responses import register_responses
 
 log = logging.getLogger("qwen3_mlx.server")
 
@@ -61,6 +63,8 @@ class Settings:
     bind_host: str | None = None
     allowed_hosts: tuple[str, ...] = ()
     reasoning_format: str = "separate"  # --reasoning-format: a request's reasoning_format wins
+    responses_store_size: int = 512  # --responses-store-size: stored Responses API responses
+    responses_max_age: float = 3600.0  # --responses-max-age: seconds one is kept
 
 
 def create_app(
@@ -98,6 +102,16 @@ def create_app(
 
     # -- errors -----------------------------------------------------------------------------
 
+    documented: list[tuple[re.Pattern, set[str]]] = []
+
+    def documented_methods(path: str) -> set[str]:
+        """The methods /openapi.json lists for `path`."""
+        if not documented:
+            for template, operations in app.openapi().get("paths", {}).items():
+                pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template))
+                documented.append((re.compile(pattern + "$"), {m.upper() for m in operations}))
+        return {m for pattern, methods in documented if pattern.match(path) for m in methods}
+
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
@@ -125,7 +139,14 @@ def create_app(
             404: f"no such endpoint: {method} {request.url.path}",
             405: f"method {method} is not allowed on {request.url.path}",
         }.get(exc.status_code, str(exc.detail))
-        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route that matched the path; one path
+            # that several routes serve (GET and DELETE /v1/responses/{id}) allows them all.
+            allowed = set((headers or {}).get("Allow", "").replace(" ", "").split(",")) - {""}
+            allowed |= documented_methods(request.url.path)
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return error_response(exc.status_code, message, headers=headers)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError):
@@ -184,6 +205,7 @@ def create_app(
     api = Api(registry, engine, settings, loader)
     register(app, api)
     register_anthropic(app, api)
+    register_responses(app, api)
     register_ollama(app, api)
     register_lmstudio_v1(app, api)
 

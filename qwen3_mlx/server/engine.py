@@ -172,8 +172,14 @@ class Engine(PrefillLoop, DecodeLoop, Residency):
                     f"{self.max_queue}) and {self.max_concurrency} in flight; retry shortly"
                 )
             self._queued += 1
+            request.holds_queue_place = True
             request.id = next(self._ids)
         self._inbox.put(request)
+
+    def withdraw(self, request: GenerationRequest) -> None:
+        """A queued request whose client left gives its queue place back now, not at the
+        engine's next turn: a client that hangs up and sends again at once is not refused."""
+        self._dequeued(request)
 
     def wake(self) -> None:
         """Nudge the loop (e.g. after a cancellation) so it frees the slot now."""
@@ -302,9 +308,11 @@ class Engine(PrefillLoop, DecodeLoop, Residency):
                 time.sleep(IDLE_TURN)  # as long as rank 0 waits: neither spins in the collective
             turn = self._sync.share(None) or {"new": [], "cancel": [], "stop": False}
             for spec in turn["new"]:
-                self._waiting.append(GenerationRequest.rebuild(spec, self._llm(spec["model"])))
+                request = GenerationRequest.rebuild(spec, self._llm(spec["model"]))
+                self._waiting.append(request)
                 with self._lock:
                     self._queued += 1
+                    request.holds_queue_place = True
             ids = set(turn["cancel"])
             cancels = [r for r in self._in_flight() if r.id in ids]
             stop = turn["stop"]
@@ -314,12 +322,12 @@ class Engine(PrefillLoop, DecodeLoop, Residency):
             return False
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
-            self._dequeued()
+            self._dequeued(request)
             self._finish_cancelled(request)
         in_flight = len(self._prefilling) + sum(len(b.rows) for b in self._batches.values())
         while self._waiting and in_flight < self.max_concurrency:
             request = self._waiting.pop(0)
-            self._dequeued()
+            self._dequeued(request)
             self._prefilling.append(self._start_prefill(request))
             in_flight += 1
         return True
@@ -327,9 +335,11 @@ class Engine(PrefillLoop, DecodeLoop, Residency):
     def _llm(self, model_id: str) -> LoadedModel:
         return self._batches[model_id].loaded
 
-    def _dequeued(self) -> None:
+    def _dequeued(self, request: GenerationRequest) -> None:
         with self._lock:
-            self._queued -= 1
+            if request.holds_queue_place:
+                request.holds_queue_place = False
+                self._queued -= 1
 
     def _run_calls(self) -> None:
         while True:

@@ -82,6 +82,7 @@ class GenerationRequest:
     cancelled: bool = False  # set by the engine only, in `_admit` (every rank sees it there)
     cancel_requested: bool = False  # the client left; the engine's next turn cancels
     id: int = 0  # given by `Engine.submit`; names the request to `--parallel` followers
+    holds_queue_place: bool = False  # counted against --max-queue (Engine, under its lock)
     submitted_at: float = field(default_factory=time.perf_counter)
 
     @property

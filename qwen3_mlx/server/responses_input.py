@@ -10,20 +10,37 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from .prepare import ApiError
 from .protocol import ChatCompletionRequest, ResponsesRequest
+from .protocol.responses import ResponsesInputItem
 
 
-def responses_to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
-    """A `/v1/responses` request as the equivalent chat completion request."""
+def responses_to_chat(
+    body: ResponsesRequest, history: list[dict[str, Any]] = ()
+) -> ChatCompletionRequest:
+    """A `/v1/responses` request as the equivalent chat completion request; `history`: the
+    conversation a `previous_response_id` ends (chat messages, without its instructions)."""
     messages: list[dict[str, Any]] = []
     if body.instructions:
         messages.append({"role": "system", "content": body.instructions})
-    if isinstance(body.input, str):
-        messages.append({"role": "user", "content": body.input})
+    messages += [dict(m) for m in history]
+    messages += input_messages(body.input)
+    if not messages:
+        raise ApiError(400, "input has no messages", param="input")
+    return _chat_request(body, messages)
+
+
+def input_messages(items) -> list[dict[str, Any]]:
+    """Responses input (a string, or input items; a response's output items read the same) as
+    chat messages."""
+    messages: list[dict[str, Any]] = []
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
     else:
         pending_reasoning = None
-        for item in body.input:
+        for item in items:
             if item.type == "message":
                 content = item.content
                 if not isinstance(content, str):
@@ -62,8 +79,15 @@ def responses_to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
                 if not isinstance(output, str):
                     output = "".join(getattr(p, "text", "") for p in output)
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
-    if not messages:
-        raise ApiError(400, "input has no messages", param="input")
+    return messages
+
+
+def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A stored response's output items (JSON) as the chat messages of its turn."""
+    return input_messages(TypeAdapter(list[ResponsesInputItem]).validate_python(output))
+
+
+def _chat_request(body: ResponsesRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
     chat: dict[str, Any] = {
         "model": body.model,
         "messages": messages,

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -28,7 +27,6 @@ from .output.chat import ChatCollector, ChatStreamer
 from .output.common import Thinking, reasoning_format
 from .output.completions import CompletionReply, Echo, echo_of
 from .output.lmstudio import model_card
-from .output.responses import ResponsesBuilder
 from .output.scores import PromptScorer, can_score, embed_tokens
 from .prepare import (
     ApiError,
@@ -62,7 +60,8 @@ from .protocol import (
     new_id,
     now,
 )
-from .responses_input import responses_to_chat
+from .response_store import ResponseStore
+from .routes_responses import create_response
 from .rows import Rows
 
 # -- what /openapi.json says each operation answers ----------------------------------------------
@@ -276,6 +275,9 @@ class Api:
             loader = ModelLoader.serving(registry, engine)
         self.loader = loader
         self.limits = Limits(max_tokens=settings.max_tokens_limit)
+        self.response_store = ResponseStore(
+            settings.responses_store_size, settings.responses_max_age
+        )
 
     def resolve(self, name: str | None) -> LoadedModel:
         """A loaded chat model, held until the response ends (not loaded: a 404; `load`
@@ -454,39 +456,4 @@ class Api:
     # -- responses API ------------------------------------------------------------------
 
     async def responses(self, http: Request, body: ResponsesRequest, lmstudio: bool):
-        if body.previous_response_id:
-            raise ApiError(
-                400,
-                "previous_response_id is not supported: responses are not stored; "
-                "send the whole conversation in 'input'",
-                param="previous_response_id",
-            )
-        chat_body = responses_to_chat(body)
-        model = self.resolve(chat_body.model)
-        prepared = await run_in_threadpool(prepare_chat, chat_body, model, self.limits)
-        running = self.start(model, [[prepared.sequence]])
-        echo = {
-            "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens,
-            "temperature": prepared.params.temperature,
-            "top_p": prepared.params.top_p,
-            "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "tool_choice": body.tool_choice or "auto",
-            "tools": jsonable_encoder([t.model_dump(exclude_none=True) for t in body.tools or []]),
-            "metadata": body.metadata,
-        }
-        builder = ResponsesBuilder(
-            id=f"resp_{new_id('r')[2:]}", created=now(), model=model, request=echo
-        )
-        if body.stream:
-            return running.stream(
-                http,
-                builder.start(),
-                lambda _, step: builder.step(step),
-                lambda _, finished: builder.finish(finished)[1],
-                lambda _: [],
-            )
-        builder.start()
-        finished = await running.collect(http, lambda _, step: builder.step(step))
-        response, _ = builder.finish(finished[0])
-        return JSONResponse(response)
+        return await create_response(self, http, body)

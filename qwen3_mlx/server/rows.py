@@ -85,6 +85,7 @@ class Rows:
         for i in left:
             if not self.requests[i].sequence.finished:
                 self.requests[i].cancel()
+                self.engine.withdraw(self.requests[i])
         if left:
             self.engine.wake()
 

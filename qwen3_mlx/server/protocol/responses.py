@@ -22,7 +22,6 @@ from .common import (
     json_schema,
     max_tokens_schema,
     model_name,
-    nullable,
 )
 
 # -- the request and its input items -----------------------------------------------------------
@@ -227,13 +226,12 @@ class ResponsesRequest(Request):
     text: ResponsesTextOptions | None = None
     previous_response_id: str | None = Field(
         None,
-        **json_schema(
-            nullable({"type": "string", "maxLength": 0}),
-            description="Not supported (responses are not stored): send the whole conversation "
-            "in `input`.",
-        ),
+        description="Continue the conversation a stored response ends (its input and output "
+        "come before this request's input; its instructions do not).",
     )
-    store: bool | None = None
+    store: bool | None = Field(
+        None, description="Keep this response for GET and `previous_response_id` (default true)."
+    )
     metadata: dict[str, str] | None = None
     user: str | None = None
 
@@ -286,6 +284,14 @@ class ResponseObject(Schema):
     usage: ResponsesUsage | None = None
     error: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+
+
+class ResponseDeleted(Schema):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool = True
 
 
 # -- responses API: output items and streaming events ---------------------------------------
