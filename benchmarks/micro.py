@@ -4,7 +4,7 @@
 
 Each measurement chains the op over `--layers` distinct random layers (as a decode step
 does), evaluates, and reports the median time per layer over several repeats: uncompiled
-(host + device) and under mx.compile (closer to device time alone).
+(host + device) and under mx.compile (closer to GPU time alone).
 """
 
 from __future__ import annotations

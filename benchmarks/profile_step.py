@@ -1,4 +1,4 @@
-"""Where a decode step's device time goes: per-kernel durations under Nsight Compute (CUDA).
+"""Where a decode step's GPU time goes: per-kernel durations under Nsight Compute (CUDA).
 
     ncu --profile-from-start off --graph-profiling node --metrics gpu__time_duration.sum \\
         --csv --log-file step.csv python -m benchmarks.profile_step --preset qwen3-30b-a3b \\

@@ -1,4 +1,4 @@
-"""Launch-shape sweep of the few-token kernels (GPU only): device time per launch, per shape,
+"""Launch-shape sweep of the few-token kernels (GPU only): GPU time per launch, per shape,
 and whole decode steps of a model preset under each setting (section `step`).
 
     python -m benchmarks.tune_kernels --out benchmarks/results/tune_h200.json
