@@ -104,24 +104,37 @@ STREAM_DESCRIPTION = {
 
 def responses_of(route: Route) -> dict:
     """The `responses=` of a route's operation: 200's media types and each error status."""
+    return operation_responses(route.errors, STREAM_DESCRIPTION.get(route.operation))
+
+
+def operation_responses(
+    errors: tuple[int, ...],
+    stream: str | None = None,
+    *,
+    reply: str = "The reply",
+    error_model: type = ErrorResponse,
+    described: dict[int, str] | None = None,
+) -> dict:
+    """An operation's `responses=`: with `stream` (the events' description) 200 is JSON or
+    server-sent events; each error status (GUARDED's too) with its model and description."""
     out: dict = {}
-    if route.operation in STREAM_DESCRIPTION:
+    if stream is not None:
         out[200] = {
-            "description": "The reply (JSON), or with `stream: true` a stream of events.",
+            "description": f"{reply} (JSON), or with `stream: true` a stream of events.",
             "content": {
                 # OpenAPI 3.1 has a stream's `schema` describe one event: its fields.
                 "text/event-stream": {
                     "schema": {
                         "type": "object",
-                        "description": STREAM_DESCRIPTION[route.operation],
+                        "description": stream,
                         "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
                         "required": ["data"],
                     }
                 }
             },
         }
-    for code in sorted({*GUARDED, *route.errors}):
-        out[code] = {"model": ErrorResponse, "description": ERRORS[code]}
+    for code in sorted({*GUARDED, *errors}):
+        out[code] = {"model": error_model, "description": (described or {}).get(code, ERRORS[code])}
         if code in ERROR_HEADERS:
             out[code]["headers"] = ERROR_HEADERS[code]
     return out

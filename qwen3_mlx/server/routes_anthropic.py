@@ -29,7 +29,7 @@ from .protocol.anthropic import (
     CountTokensRequest,
     MessagesRequest,
 )
-from .routes import ERROR_HEADERS, ERRORS, GUARDED, Api
+from .routes import Api, operation_responses
 
 PREFIX = "/v1/messages"
 
@@ -56,28 +56,13 @@ def is_anthropic(path: str) -> bool:
 
 
 def responses_of(errors: tuple[int, ...], stream: bool) -> dict:
-    """The `responses=` of an operation: 200's media types and each error status."""
-    out: dict = {}
-    if stream:
-        out[200] = {
-            "description": "The message (JSON), or with `stream: true` a stream of events.",
-            "content": {
-                "text/event-stream": {
-                    "schema": {
-                        "type": "object",
-                        "description": STREAM_DESCRIPTION,
-                        "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
-                        "required": ["data"],
-                    }
-                }
-            },
-        }
-    for code in sorted({*GUARDED, *errors}):
-        described = INVALID if code == 400 else ERRORS[code]
-        out[code] = {"model": AnthropicErrorResponse, "description": described}
-        if code in ERROR_HEADERS:
-            out[code]["headers"] = ERROR_HEADERS[code]
-    return out
+    return operation_responses(
+        errors,
+        STREAM_DESCRIPTION if stream else None,
+        reply="The message",
+        error_model=AnthropicErrorResponse,
+        described={400: INVALID},
+    )
 
 
 class AnthropicApi:

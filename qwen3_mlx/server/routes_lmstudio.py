@@ -26,7 +26,6 @@ from .models import LoadedModel, ModelNotFound
 from .output.common import dump
 from .output.lmstudio_v1 import ChatBuilder, error_event, v1_model
 from .prepare import ApiError, check_generates, prepare_chat
-from .protocol import ErrorResponse
 from .protocol.lmstudio_v1 import (
     V1ChatRequest,
     V1ChatResponse,
@@ -37,7 +36,7 @@ from .protocol.lmstudio_v1 import (
     V1UnloadRequest,
     V1UnloadResponse,
 )
-from .routes import ERROR_HEADERS, ERRORS, GUARDED, Api
+from .routes import Api, operation_responses
 
 PREFIX = "/api/v1"
 
@@ -57,26 +56,9 @@ DESCRIBED = {
 
 
 def responses_of(errors: tuple[int, ...], stream: bool = False) -> dict:
-    out: dict = {}
-    if stream:
-        out[200] = {
-            "description": "The result (JSON), or with `stream: true` a stream of events.",
-            "content": {
-                "text/event-stream": {
-                    "schema": {
-                        "type": "object",
-                        "description": STREAM_DESCRIPTION,
-                        "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
-                        "required": ["data"],
-                    }
-                }
-            },
-        }
-    for code in sorted({*GUARDED, *errors}):
-        out[code] = {"model": ErrorResponse, "description": DESCRIBED.get(code, ERRORS[code])}
-        if code in ERROR_HEADERS:
-            out[code]["headers"] = ERROR_HEADERS[code]
-    return out
+    return operation_responses(
+        errors, STREAM_DESCRIPTION if stream else None, reply="The result", described=DESCRIBED
+    )
 
 
 class LMStudioV1Api:
