@@ -195,6 +195,11 @@ class DecodeLoop:
                 row.fed.append(out.token)  # fed to the model (or about to be)
             if row.first_token_at is None:
                 row.first_token_at = now
+                log.debug(
+                    "request %s: first token %.3f s after it arrived",
+                    row.request.id,
+                    now - row.request.submitted_at,
+                )
             if out.text or out.tool_calls or out.logprobs is not None or out.finish_reason:
                 row.request.channel.put(Output(out))
             if row.sequence.finished or row.sequence.constraint_failed:

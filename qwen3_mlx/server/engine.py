@@ -54,6 +54,7 @@ from .models import LoadedModel
 from .prefill import PrefillLoop
 from .prefix import PREFIX_MIN, PrefixStore, kv_bytes_per_token
 from .residency import Residency
+from .turns import TurnClock
 
 __all__ = [
     "Channel",
@@ -240,23 +241,37 @@ class Engine(PrefillLoop, DecodeLoop, Residency):
                 self.on_fatal()
 
     def _run(self) -> None:
+        clock = TurnClock()
         while True:
             idle = not (self._prefilling or self._waiting or self._running())
             if idle:
                 mx.clear_cache()  # give freed KV buffers back while nothing runs
+            turn_started = time.perf_counter()
             if not self._admit(block=idle):
                 return
             self._run_calls()
             try:
+                admitted = time.perf_counter()
                 self._prefill_turn()
                 started = time.perf_counter()
+                rows, buckets = 0, []
                 for batch in self._batches.values():
                     if batch.rows:
+                        rows += len(batch.rows)
+                        buckets.append(batch.slots.size if batch.slots is not None else 1)
                         self._decode_step(batch)
+                decoded = time.perf_counter()
                 if self._prefilling:
-                    self._decode_credit += time.perf_counter() - started
+                    self._decode_credit += decoded - started
                 else:
                     self._decode_credit = 0.0  # nothing banked while nothing waits
+                clock.turn(
+                    0.0 if idle else admitted - turn_started,
+                    started - admitted,
+                    decoded - started,
+                    rows,
+                    str(buckets),
+                )
             except Exception as e:  # a bug, not a user error: fail what is in flight, go on
                 if self._sync is not None:
                     # The ranks run in lockstep: a step that failed on this rank can't be patched
