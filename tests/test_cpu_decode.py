@@ -1,4 +1,4 @@
-"""The CPU backend's decode step (model.CpuDecode) against the general path.
+"""The CPU backend's decode step (decode_steps.CpuDecode) against the general path.
 
 Same logits as `compile=0` (uncompiled reference ops) for dense and MoE models,
 float32 and bfloat16, 4- and 8-bit, batch 1 and 2, across a growth of the KV cache; its
