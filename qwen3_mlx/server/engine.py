@@ -53,6 +53,7 @@ from .jobs import Channel, Discard, EngineBusy, Failed, Finished, GenerationRequ
 from .models import LoadedModel
 from .prefill import PrefillLoop
 from .prefix import PREFIX_MIN, PrefixStore, kv_bytes_per_token
+from .rehearsal import Rehearsal
 from .residency import Residency
 from .turns import TurnClock
 
@@ -77,7 +78,7 @@ IDLE_TURN = 0.05
 # -- the engine --------------------------------------------------------------------------------
 
 
-class Engine(PrefillLoop, DecodeLoop, Residency):
+class Engine(PrefillLoop, DecodeLoop, Residency, Rehearsal):
     def __init__(
         self,
         models: list[LoadedModel],
@@ -88,6 +89,7 @@ class Engine(PrefillLoop, DecodeLoop, Residency):
         prefix_cache_entries: int = 16,
         prefix_cache_bytes: int = 2 << 30,
         warmup: bool = True,
+        rehearse: bool | None = None,
     ):
         self.models = models
         self.max_concurrency = max_concurrency
@@ -124,6 +126,11 @@ class Engine(PrefillLoop, DecodeLoop, Residency):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.warmup = warmup
+        # The start-up rehearsal (rehearsal.py), by default where kernels are compiled on first use
+        # (Metal, CUDA); on MLX's CPU backend it would cost seconds of sampling and find nothing.
+        if rehearse is None:
+            rehearse = mx.default_device().type == mx.DeviceType.gpu
+        self.rehearse = warmup and rehearse
         # Prefill beside decode (PREFILL_SHARE): decode seconds banked towards the next chunk,
         # and the prefill's measured seconds per token (first from the warm-up).
         self._decode_credit = 0.0
@@ -218,6 +225,8 @@ class Engine(PrefillLoop, DecodeLoop, Residency):
                 for batch in self._batches.values():
                     rate = warm_up(batch.loaded, self.max_concurrency, self.prefill_step)
                     self._prefill_seconds_per_token = max(self._prefill_seconds_per_token, rate)
+                    if self.rehearse and self._sync is None:  # not for ranks in lockstep
+                        self._rehearse(batch.loaded, self.max_concurrency)
                 log.info("warm-up: %.1f s", time.perf_counter() - started)
         except Exception as e:  # a slower first request, not a reason to refuse all of them
             if self._sync is not None:

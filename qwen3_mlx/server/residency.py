@@ -23,7 +23,7 @@ log = logging.getLogger("qwen3_mlx.server")
 
 class Residency:
     """Mixed into `Engine`, which provides `models`, `_batches`, `_prefixes`, `_waiting`,
-    `_prefilling`, `warmup`, `max_concurrency`, `prefill_step`, the prefix store's sizes,
+    `_prefilling`, `warmup`, `rehearse`, `max_concurrency`, `prefill_step`, the prefix store's sizes,
     `_fail` and `_finish_cancelled`."""
 
     def add_model(self, loaded: LoadedModel) -> None:
@@ -39,6 +39,11 @@ class Residency:
         self._prefixes[loaded.id] = PrefixStore(self.prefix_cache_entries, self.prefix_cache_bytes)
         if loaded.kind == "llm":
             self._batches[loaded.id] = Batch(loaded)
+            if self.rehearse:
+                try:
+                    self._rehearse(loaded, self.max_concurrency)
+                except Exception as e:  # as for the warm-up: a slower first request
+                    log.warning("rehearsal of %s failed: %s: %s", loaded.id, type(e).__name__, e)
         self.models = [*self.models, loaded]
 
     def remove_model(self, model_id: str) -> None:
