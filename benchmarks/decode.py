@@ -41,6 +41,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from qwen3_mlx.kernels import KernelOptions, plan_for
 from qwen3_mlx.model import compile_mode
 
+from .figures import save_with_command
 from .models import PRESETS, build
 
 RESULTS = Path(__file__).with_name("results")
@@ -230,9 +231,7 @@ def plot(results: dict, path: Path) -> None:
         f"(mlx {meta['mlx']}, mlx-lm {meta['mlx_lm']})",
         fontsize=10,
     )
-    fig.text(0.01, 0.01, meta["command"], fontsize=6)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
-    fig.savefig(path, dpi=120)
+    save_with_command(fig, path, meta["command"], top=0.95)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results")
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.figures import save_with_command  # noqa: E402
 from tests.server_process import free_port, wait_until_healthy  # noqa: E402
 
 END_OF_TURN = {"151643": -100, "151645": -100}
@@ -446,9 +447,7 @@ def plot(record: dict, path: Path) -> None:
     ax.set_ylabel("tokens/s, all streams together")
     ax.set_title(f"{record['model']} served over HTTP ({record['date']}); dotted: stream_generate")
     ax.legend()
-    fig.text(0.01, 0.01, record["command"], fontsize=6)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=120)
+    save_with_command(fig, path, record["command"])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .figures import save_with_command
 from .models import PRESETS, build
 
 RESULTS = Path(__file__).with_name("results")
@@ -250,9 +251,7 @@ def plot(record: dict, path: Path) -> None:
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"{record['target']} with a {record['draft']} draft; dotted: no draft")
     ax.legend()
-    fig.text(0.01, 0.01, record["command"], fontsize=6)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=120)
+    save_with_command(fig, path, record["command"])
 
 
 if __name__ == "__main__":

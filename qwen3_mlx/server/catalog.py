@@ -35,11 +35,11 @@ from ..loading import quantization_of
 from ..weights import read_header, shard_files
 from .models import (
     DEMO_MODEL_ID,
+    ConfigFacts,
     LoadedModel,
     capabilities_of,
     context_length_of,
     is_embedding_checkpoint,
-    quantization_label,
 )
 
 log = logging.getLogger("qwen3_mlx.server")
@@ -60,7 +60,7 @@ def default_model_dirs() -> list[Path]:
 
 
 @dataclass
-class CatalogEntry:
+class CatalogEntry(ConfigFacts):
     """A checkpoint the server can load, and what the listings say of it before it is."""
 
     id: str
@@ -72,14 +72,6 @@ class CatalogEntry:
     scanned: bool = True  # found in a model directory (False: named with --model)
     embedding: bool | None = None  # --embedding: loaded as an embedding model whatever its files
     files: list[Path] = field(default_factory=list)
-
-    @property
-    def arch(self) -> str:
-        return str(self.config.get("model_type", "qwen3"))
-
-    @property
-    def quantization(self) -> str:
-        return quantization_label(self.config)
 
     @property
     def bits_per_weight(self) -> float | None:

@@ -48,8 +48,23 @@ class Drafting:
         return PromptLookup(self.prompt_lookup)
 
 
+class ConfigFacts:
+    """What a checkpoint's config.json says of it in model listings (a served model and a
+    catalog entry alike)."""
+
+    config: dict[str, Any]
+
+    @property
+    def arch(self) -> str:
+        return str(self.config.get("model_type", "qwen3"))
+
+    @property
+    def quantization(self) -> str:
+        return quantization_label(self.config)
+
+
 @dataclass
-class LoadedModel:
+class LoadedModel(ConfigFacts):
     id: str
     path: Path
     model: Model
@@ -69,14 +84,6 @@ class LoadedModel:
     def new_cache(self) -> list[Any]:
         """An empty KV cache for one request's prompt (plain, or quantized with --kv-bits)."""
         return make_cache(self.model, self.kv_bits, self.kv_group_size)
-
-    @property
-    def arch(self) -> str:
-        return str(self.config.get("model_type", "qwen3"))
-
-    @property
-    def quantization(self) -> str:
-        return quantization_label(self.config)
 
     @property
     def capabilities(self) -> list[str]:
