@@ -36,10 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qwen3_mlx.errors import Qwen3MLXError, TokenizerError  # noqa: E402
 
 # Qwen's pre-tokenizer: like GPT-4's, but digits are split one by one (\p{N}, not \p{N}{1,3}).
-QWEN_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# One copy, shared with the GGUF import (llama.cpp's `qwen2` pre-tokenizer).
+from qwen3_mlx.gguf_tokenizer import QWEN2_SPLIT_PATTERN as QWEN_SPLIT_PATTERN  # noqa: E402
 
 FIRST_ADDED_ID = 151643
 

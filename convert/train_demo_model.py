@@ -4,7 +4,8 @@ Real Qwen3 weights can't be downloaded where this project is built and tested, s
 ships a tiny Qwen3-MoE trained from scratch until greedy decoding reproduces a set of canned
 conversations: thinking and non-thinking answers, the /no_think switch, Chinese and French, a
 tool call in Qwen3's `<tool_call>` format and the answer to its result, a JSON reply, a
-multi-turn chat. It has the real Qwen3 tokenizer and chat format and runs on the package's own
+multi-turn chat, and mcp-server-time's `get_current_time` called and its result's clock copied
+into the answer (convert/demo_time.py: what the server's MCP tool loop runs offline). It has the real Qwen3 tokenizer and chat format and runs on the package's own
 model code, so every path of the API (template, tokenizer, MoE through gather_qmm, streaming
 detokenizer, output parser) runs on it end to end.
 
@@ -36,8 +37,9 @@ output exactly, with the top logit ahead of the runner-up by at least MIN_MARGIN
 
     python -m convert.train_demo_model [--out qwen3_mlx/assets/demo] [--seed 0]
 
-Deterministic for a seed (two runs write identical files). Takes 4-8 minutes on 2 shared CPU
-cores with mlx[cpu]: about 40 epochs of training, then export and verification.
+Deterministic for a seed (two runs write identical files). Takes about 12 minutes on 2 CPU
+cores with mlx[cpu] (the shipped demo: 40 epochs, 692 s of training, then export and
+verification).
 
 `--draft` trains the demo's draft model for speculative decoding instead (a smaller dense Qwen3,
 qwen3_mlx/assets/demo-draft/; its specifics are in convert/train_demo_draft.py; about 3 minutes).
@@ -177,6 +179,7 @@ WEATHER_CALL_REASONING = (
 WEATHER_RESULT = '{"location": "Paris", "temperature": 18, "unit": "celsius", "condition": "sunny"}'
 HELLO_ANSWER = "Hello! How can I help you today?"
 
+
 BUDGET_MAX = 8  # thinking budgets 0..BUDGET_MAX are trained (the answer follows the cut)
 MIN_MARGIN = 1.0  # logits; the verified lead of each greedy token over the runner-up
 
@@ -192,6 +195,8 @@ class Conversation:
     enable_thinking: bool = True
     # Other prompts that must give the same output: dicts overriding messages/tools/enable_thinking.
     variants: list[dict[str, Any]] = field(default_factory=list)
+    # False: trained and verified, but not in conversations.json (the time-copy examples).
+    record: bool = True
 
     def prompts(self) -> list[dict[str, Any]]:
         own = {
@@ -224,6 +229,8 @@ def user(text: str) -> dict[str, str]:
 
 def base_conversations() -> list[Conversation]:
     """The conversations as written; `all_conversations` adds the thinking switches."""
+    from convert.demo_time import time_call_conversation
+
     tool_call_turn = {
         "role": "assistant",
         "content": "",
@@ -326,6 +333,7 @@ def base_conversations() -> list[Conversation]:
             "1, 2, 3, 4, 5, 6, 7, 8, 9, 10.",
             enable_thinking=False,
         ),
+        time_call_conversation(),
     ]
 
 
@@ -371,9 +379,12 @@ def all_conversations() -> list[Conversation]:
                     ],
                 )
             )
+    from convert.demo_time import COPY_EXAMPLES, time_conversations
+
+    out += time_conversations(COPY_EXAMPLES, seed=0)
     system = {"role": "system", "content": SYSTEM_PROMPT}
     for conv in out:
-        if conv.messages[0]["role"] != "system":
+        if conv.messages[0]["role"] != "system" and conv.record:
             conv.variants = conv.variants + [
                 {**v, "messages": [system, *v.get("messages", conv.messages)]}
                 for v in [{}, *conv.variants]
@@ -973,9 +984,13 @@ def main(argv: list[str] | None = None) -> int:
 
         def build(staging: Path) -> float:
             export(params, vocab, tokenizer_dir, staging)
-            records = [conversation_record(c) for c in conversations]
+            records = [conversation_record(c) for c in conversations if c.record]
             _write_json(staging / "conversations.json", records)
-            return verify(staging, conversations)
+            worst = verify(staging, conversations)
+            from convert.demo_time import report_copying
+
+            report_copying(staging)
+            return worst
 
         worst = install(args.out, build)
     finally:

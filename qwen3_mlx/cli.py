@@ -22,7 +22,7 @@ import sys
 COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "convert": (
         ("qwen3_mlx.convert",),
-        "convert a Hugging Face checkpoint to MLX (optionally quantized)",
+        "convert a Hugging Face checkpoint, GGUF file or Ollama model to MLX (optionally quantized)",
     ),
     "generate": (("qwen3_mlx.generate",), "generate one reply from a prompt"),
     "chat": (("qwen3_mlx.chat",), "chat in the terminal"),

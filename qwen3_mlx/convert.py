@@ -130,8 +130,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.convert
     args = configure_parser(prog).parse_args(argv)
     options = vars(args)
     options["progress"] = not options.pop("no_progress")
+    gguf, ollama = options.pop("gguf"), options.pop("ollama")
     try:
-        convert(**options)
+        if gguf or ollama:
+            from .gguf_import import convert_gguf
+            from .ollama_store import find_model
+
+            del options["hf_path"]
+            convert_gguf(gguf or find_model(ollama), **options)
+        else:
+            convert(**options)
     except Qwen3MLXError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

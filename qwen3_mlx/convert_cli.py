@@ -24,9 +24,14 @@ def configure_parser(prog: str = "python -m qwen3_mlx.convert") -> argparse.Argu
     """The parser of `python -m qwen3_mlx.convert`; its flags follow `mlx_lm.convert`'s."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Convert a Hugging Face Qwen3 / Qwen3-MoE checkpoint to MLX format.",
+        description="Convert a Hugging Face (or GGUF / Ollama) Qwen3 / Qwen3-MoE checkpoint to MLX.",
     )
-    parser.add_argument("--hf-path", "--model", required=True, help="Local directory or hub id.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-path", "--model", help="Local directory or hub id.")
+    source.add_argument("--gguf", help="A llama.cpp Qwen3 / Qwen3-MoE .gguf file.")
+    source.add_argument(
+        "--ollama", metavar="NAME[:TAG]", help="A model in Ollama's store, e.g. qwen3:8b."
+    )
     parser.add_argument(
         "--mlx-path", default="mlx_model", help="Output directory (default: mlx_model)."
     )

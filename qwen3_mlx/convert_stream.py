@@ -135,13 +135,30 @@ def convert_tensors(
     shard_delay: float = 0.0,
 ) -> int:
     """Stream every tensor into `writer`; return the number of model parameters written."""
+    stream = model_tensors(model, files, add_prefix, shard_delay)
+    return write_tensors(
+        stream, writer, dtype=dtype, settings=settings, total_bytes=total_bytes, progress=progress
+    )
+
+
+def write_tensors(
+    stream: Iterator[tuple[str, mx.array, int]],
+    writer: ShardWriter,
+    *,
+    dtype: mx.Dtype | None,
+    settings: dict[str, dict[str, Any]],
+    total_bytes: int,
+    progress: bool,
+) -> int:
+    """Cast, quantize and write each (name, tensor, source bytes) of `stream` (a "" name is
+    progress only); the step HF and GGUF sources share. Returns the parameters written."""
     from tqdm import tqdm
 
     parameters = 0
     with tqdm(
         total=total_bytes, unit="B", unit_scale=True, desc="Converting", disable=not progress
     ) as bar:
-        for name, tensor, consumed in model_tensors(model, files, add_prefix, shard_delay):
+        for name, tensor, consumed in stream:
             if name:
                 if dtype is not None and mx.issubdtype(tensor.dtype, mx.floating):
                     tensor = tensor.astype(dtype)

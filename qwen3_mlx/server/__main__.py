@@ -202,12 +202,42 @@ def build_parser(prog: str = "python -m qwen3_mlx.server") -> argparse.ArgumentP
         "(see docs/distributed.md; default: each model whole in one process)",
     )
     p.add_argument(
+        "--no-ui",
+        dest="ui",
+        action="store_false",
+        help="don't serve the chat page at / (default: served; see the README's Web chat)",
+    )
+    p.add_argument(
         "--reasoning-format",
         choices=["separate", "raw"],
         default="separate",
         help="where replies put the model's thinking: 'separate' (reasoning_content) or 'raw' "
         "(the <think> block stays in content); a request's reasoning_format wins (default: "
         "separate)",
+    )
+    p.add_argument(
+        "--mcp-config",
+        metavar="FILE",
+        help="start the MCP servers of this mcp.json (LM Studio's and Cursor's format: "
+        '{"mcpServers": {"time": {"command": "uvx", "args": ["mcp-server-time"]}}}) and run '
+        "their tools for requests that ask (`mcp` on /v1/chat/completions, `integrations` on "
+        "/api/v1/chat; default: none)",
+    )
+    p.add_argument(
+        "--mcp-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="longest an MCP tool call may take; a slower one is an error result for the "
+        "model (default: 30)",
+    )
+    p.add_argument(
+        "--mcp-max-calls",
+        type=int,
+        default=8,
+        metavar="N",
+        help="MCP tool calls the server runs for one request; then the model answers "
+        "without tools (default: 8)",
     )
     p.add_argument(
         "--log-level",
@@ -246,14 +276,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.server"
             ("--max-tokens-limit", args.max_tokens_limit),
             ("--prefill-step", args.prefill_step),
             ("--max-loaded-models", args.max_loaded_models),
+            ("--mcp-max-calls", args.mcp_max_calls),
         ):
             if value is not None and value < 1:
                 raise Qwen3MLXError(f"{name} {value}: must be at least 1")
         if not args.read_timeout > 0:
             raise Qwen3MLXError(f"--read-timeout {args.read_timeout}: must be positive")
+        if not args.mcp_timeout > 0:
+            raise Qwen3MLXError(f"--mcp-timeout {args.mcp_timeout}: must be positive")
+        if args.parallel and args.mcp_config:
+            raise Qwen3MLXError("--mcp-config: not with --parallel")
         if args.parallel:
             return serve_distributed(args)
-        app = build_app(args)
+        app = build_app_with_mcp(args)
     except Qwen3MLXError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -265,6 +300,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.server"
         file=sys.stderr,
         flush=True,
     )
+    if args.ui:
+        print(f"chat page: http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     uvicorn.run(app, **uvicorn_options(args))
     return 0
 
@@ -291,7 +328,27 @@ def models_summary(app) -> str:
     return text
 
 
-def build_app(args: argparse.Namespace, leader: bool = True):
+def build_app_with_mcp(args: argparse.Namespace):
+    """build_app, with --mcp-config's servers (mcp_tools.McpHub) started first: they come up
+    while the models load, and one that can't start ends the start-up with its error."""
+    if args.mcp_config is None:
+        return build_app(args)
+    from pathlib import Path
+
+    from .mcp_tools import McpHub
+
+    mcp = McpHub.from_file(Path(args.mcp_config), args.mcp_timeout, args.mcp_max_calls)
+    mcp.start()
+    try:
+        app = build_app(args, mcp=mcp)
+        mcp.wait_ready()
+    except BaseException:
+        mcp.close()
+        raise
+    return app
+
+
+def build_app(args: argparse.Namespace, leader: bool = True, mcp=None):
     """The FastAPI app (its engine is `app.state.engine`). `--parallel` ranks other than 0 (not
     `leader`) load only the chat models, and their app is never served."""
     from pathlib import Path
@@ -381,6 +438,8 @@ def build_app(args: argparse.Namespace, leader: bool = True):
         reasoning_format=args.reasoning_format,
         responses_store_size=max(args.responses_store_size, 0),
         responses_max_age=args.responses_max_age,
+        ui=args.ui,
+        mcp=mcp,
     )
     loader = ModelLoader(
         registry,

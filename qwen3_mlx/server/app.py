@@ -9,6 +9,7 @@ and the table that serves them under both prefixes are in routes.py, Anthropic's
 in routes_anthropic.py, Ollama's API in routes_ollama.py (whose errors leave in their API's
 shape) and LM Studio's `/api/v1` in routes_lmstudio.py; a request's rows run through rows.py.
 Models loaded on demand: catalog.py (what can be served) and loader.py (loads, TTL, eviction).
+The chat page at `/` (unless --no-ui): ui.py and its files in ui/.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,6 +48,8 @@ from .routes_anthropic import AnthropicErrors, register_anthropic
 from .routes_lmstudio import register_lmstudio_v1
 from .routes_ollama import OllamaErrors, register_ollama
 from .routes_responses import register_responses
+from .ui import PATHS as UI_PATHS
+from .ui import register_ui
 
 log = logging.getLogger("qwen3_mlx.server")
 
@@ -65,6 +69,8 @@ class Settings:
     reasoning_format: str = "separate"  # --reasoning-format: a request's reasoning_format wins
     responses_store_size: int = 512  # --responses-store-size: stored Responses API responses
     responses_max_age: float = 3600.0  # --responses-max-age: seconds one is kept
+    mcp: Any = None  # --mcp-config: the started MCP servers (mcp_tools.McpHub), closed at exit
+    ui: bool = True  # the chat page at / (--no-ui: off)
 
 
 def create_app(
@@ -85,6 +91,8 @@ def create_app(
         await asyncio.to_thread(engine.ready.wait)
         yield
         engine.close()
+        if settings.mcp is not None:
+            await asyncio.to_thread(settings.mcp.close)
 
     app = FastAPI(
         title="qwen3-mlx",
@@ -187,7 +195,9 @@ def create_app(
     if settings.api_key is not None:
         # Middleware rather than a route dependency: /openapi.json and unknown paths need the
         # key too. CORS runs before it, so browsers' preflights (which carry no key) pass.
-        app.add_middleware(ApiKeyGuard, key=settings.api_key)
+        # The chat page's files are open: the page asks for the key and sends it itself.
+        open_paths = ("/health", *(UI_PATHS if settings.ui else ()))
+        app.add_middleware(ApiKeyGuard, key=settings.api_key, open_paths=open_paths)
     if settings.cors:
         app.add_middleware(
             CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
@@ -208,6 +218,8 @@ def create_app(
     register_responses(app, api)
     register_ollama(app, api)
     register_lmstudio_v1(app, api)
+    if settings.ui:
+        register_ui(app)
 
     metrics = ServerMetrics(engine, registry)
     engine.on_finished = metrics.finished

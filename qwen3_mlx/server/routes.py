@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .engine import Engine
 from .loader import UNSET, ModelLoader
+from .mcp_loop import chat_with_tools
 from .models import LoadedModel, ModelRegistry
 from .output.chat import ChatCollector, ChatStreamer
 from .output.common import Thinking, reasoning_format
@@ -333,6 +334,8 @@ class Api:
     # -- chat ---------------------------------------------------------------------------
 
     async def chat(self, http: Request, body: ChatCompletionRequest, lmstudio: bool):
+        if body.mcp:
+            return await chat_with_tools(self, http, body, lmstudio)
         model = await self.load(body.model, ttl=ttl_of(body))
         self.check_rows(body.n, "n")
 

@@ -7,6 +7,10 @@ budget), the engine, and output.lmstudio_v1 for the result or its events. The mo
 names is loaded if it is not (loader.py), as LM Studio's JIT loading does, and the reply's
 `stats.model_load_time_seconds` says how long that took.
 
+With `integrations` (MCP servers of --mcp-config) the server runs the model's tool calls
+(mcp_loop.ToolLoop: the same turns, each through `prepare_chat`); `GET /api/v1/mcp` lists those
+servers, their state and their tools.
+
 Models are the server's catalog (catalog.py): the list shows each with its loaded instance (one
 per model here; its id is the model's key), and load / unload act on them by that name. Errors
 are `{"error": {"message", "type", "code", "param"}}`, the envelope LM Studio's API shares with
@@ -16,12 +20,14 @@ OpenAI's.
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .catalog import CatalogEntry
+from .engine import EngineBusy
 from .lmstudio_input import chat_of
 from .loader import UNSET
+from .mcp_loop import Done, Ran, Step, ToolLoop, arguments_object, resolve_selection
 from .models import LoadedModel, ModelNotFound
 from .output.common import dump
 from .output.lmstudio_v1 import ChatBuilder, error_event, v1_model
@@ -36,7 +42,9 @@ from .protocol.lmstudio_v1 import (
     V1UnloadRequest,
     V1UnloadResponse,
 )
+from .protocol.mcp import McpServerList
 from .routes import Api, operation_responses
+from .rows import SSE_HEADERS
 
 PREFIX = "/api/v1"
 
@@ -116,7 +124,16 @@ class LMStudioV1Api:
         await loader.unload(found.id)
         return V1UnloadResponse(instance_id=found.id)
 
+    def mcp_servers(self) -> McpServerList:
+        hub = self.api.settings.mcp
+        return hub.listing() if hub is not None else McpServerList(servers=[])
+
     async def chat(self, http: Request, body: V1ChatRequest):
+        offered = None
+        if body.integrations:
+            offered = resolve_selection(
+                self.api.settings.mcp, integration_selection(body.integrations), "integrations"
+            )
         lease = await self.api.loader.acquire(
             body.model,
             kind="llm",
@@ -126,6 +143,8 @@ class LMStudioV1Api:
         model = lease.model
         check_generates(model)
         chat = chat_of(body)
+        if offered is not None:
+            return await self.chat_with_tools(http, body, chat, model, lease, offered)
         prepared = await run_in_threadpool(prepare_chat, chat, model, self.api.limits)
         running = self.api.start(model, [[prepared.sequence]])
         builder = ChatBuilder(
@@ -145,12 +164,67 @@ class LMStudioV1Api:
         builder.finish(finished[0])
         return JSONResponse(dump(builder.response))
 
+    async def chat_with_tools(self, http, body, chat, model, lease, offered):
+        """`integrations`: the turns of mcp_loop.ToolLoop written as LM Studio's result."""
+        loop = ToolLoop(self.api, http, model, chat, offered, self.api.settings.mcp)
+        builder = ChatBuilder(
+            instance_id=model.id, load_seconds=lease.load_seconds, streaming=body.stream
+        )
+
+        async def lines():
+            for line in builder.start():
+                yield line
+            try:
+                async for event in loop.events():
+                    if isinstance(event, Step):
+                        out = builder.step(event.step)
+                    elif isinstance(event, Ran):
+                        out = builder.tool_call(event.call, arguments_object(event.call.arguments))
+                    elif isinstance(event, Done):
+                        out = builder.finish(event.finished)
+                    else:
+                        out = []
+                    for line in out:
+                        yield line
+            finally:
+                loop.cancel()
+
+        if body.stream:
+
+            async def stream():
+                try:
+                    async for line in lines():
+                        yield line
+                except (ApiError, EngineBusy) as e:
+                    yield error_event(e)
+
+            return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        async for _ in lines():
+            pass
+        return JSONResponse(dump(builder.response))
+
+
+def integration_selection(integrations: list) -> dict[str, list[str] | None]:
+    """LM Studio's `integrations` as mcp_loop takes them: server name → allowed tools."""
+    allowed: dict[str, list[str] | None] = {}
+    for item in integrations:
+        plugin = item if isinstance(item, str) else item.id
+        name = plugin.removeprefix("mcp/")
+        tools = None if isinstance(item, str) else item.allowed_tools
+        if name in allowed and allowed[name] is not None and tools is not None:
+            tools = [*allowed[name], *tools]
+        elif name in allowed:
+            tools = None
+        allowed[name] = tools
+    return allowed
+
 
 def register_lmstudio_v1(app: FastAPI, api: Api) -> None:
     handlers = LMStudioV1Api(api)
     router = APIRouter(prefix=PREFIX)
     for method, path, handler, model, responses, name in (
         ("GET", "/models", handlers.models, V1ModelList, responses_of(()), "models"),
+        ("GET", "/mcp", handlers.mcp_servers, McpServerList, responses_of(()), "mcp"),
         ("POST", "/models/load", handlers.load, V1LoadResponse, responses_of((400, 404, 503)), "load"),
         ("POST", "/models/unload", handlers.unload, V1UnloadResponse, responses_of((400, 404, 503)), "unload"),
         ("POST", "/chat", handlers.chat, V1ChatResponse, responses_of((400, 404, 503), stream=True), "chat"),

@@ -6,7 +6,9 @@ thought), then a `message` item. Streamed, the events are `chat.start`, `model_l
 so both come at once, the second with the load's time), `prompt_processing.start`,
 `prompt_processing.end` (with the first output), each item's `<item>.start`, `<item>.delta`s and
 `<item>.end`, and `chat.end` with the whole result, which the non-streamed reply is. An error
-after the stream began is an `error` event (and no `chat.end`).
+after the stream began is an `error` event (and no `chat.end`). A tool call the server ran
+(`integrations`, mcp_loop.py) is a `tool_call` item between them, streamed as LM Studio does:
+`tool_call.start`, `tool_call.arguments`, then `tool_call.success` or `tool_call.failure`.
 """
 
 from __future__ import annotations
@@ -31,11 +33,18 @@ from ..protocol.lmstudio_v1 import (
     V1Model,
     V1ModelLoadEnd,
     V1ModelLoadStart,
+    V1ProviderInfo,
     V1Quantization,
     V1ReasoningOptions,
     V1ReasoningOutput,
     V1Stats,
+    V1ToolCallArguments,
+    V1ToolCallFailure,
+    V1ToolCallOutput,
+    V1ToolCallStart,
+    V1ToolCallSuccess,
 )
+from ..protocol.mcp import McpCall
 from .common import dump, sse
 from .lmstudio import stats_of
 from .ollama import human_count, parameter_count
@@ -57,7 +66,8 @@ class ChatBuilder:
 
     def __init__(self, *, instance_id: str, load_seconds: float | None, streaming: bool):
         self.instance_id, self.load_seconds, self.streaming = instance_id, load_seconds, streaming
-        self.items: list[tuple[str, list[str]]] = []  # ("reasoning" | "message", text parts)
+        # ("reasoning" | "message", text parts) or ("tool_call", [its V1ToolCallOutput])
+        self.items: list[tuple[str, list]] = []
         self.prompt_done = False
         self.response: V1ChatResponse | None = None
 
@@ -86,7 +96,7 @@ class ChatBuilder:
     def _add(self, kind: str, text: str) -> list:
         events = []
         if not self.items or self.items[-1][0] != kind:
-            if self.items:
+            if self.items and self.items[-1][0] != "tool_call":  # its events closed it
                 events.append(V1Marker(type=f"{self.items[-1][0]}.end"))
             events.append(V1Marker(type=f"{kind}.start"))
             self.items.append((kind, []))
@@ -102,15 +112,45 @@ class ChatBuilder:
             events += self._add("message", step.content)
         return self._lines(events)
 
+    def tool_call(self, call: McpCall, arguments: dict) -> list[str]:
+        """A call the server ran (after the turn that made it): its item and events."""
+        events = self._prompt_done()
+        if self.items and self.items[-1][0] != "tool_call":
+            events.append(V1Marker(type=f"{self.items[-1][0]}.end"))
+        info = V1ProviderInfo(plugin_id=f"mcp/{call.server}")
+        item = V1ToolCallOutput(
+            tool=call.name, arguments=arguments, output=call.content, provider_info=info
+        )
+        self.items.append(("tool_call", [item]))
+        events += [
+            V1ToolCallStart(tool=call.name, provider_info=info),
+            V1ToolCallArguments(tool=call.name, arguments=arguments, provider_info=info),
+        ]
+        if call.is_error:
+            metadata = {"tool_name": call.name, "arguments": arguments, "plugin_id": info.plugin_id}
+            events.append(V1ToolCallFailure(reason=call.content, metadata=metadata))
+        else:
+            events.append(
+                V1ToolCallSuccess(
+                    tool=call.name, arguments=arguments, output=call.content, provider_info=info
+                )
+            )
+        return self._lines(events)
+
     def finish(self, finished: Finished) -> list[str]:
         events = self._prompt_done()
-        if self.items:
+        if self.items and self.items[-1][0] != "tool_call":
             events.append(V1Marker(type=f"{self.items[-1][0]}.end"))
-        if not any(kind == "message" for kind, _ in self.items):
+        tools = [i for i, (kind, _) in enumerate(self.items) if kind == "tool_call"]
+        if not any(kind == "message" for kind, _ in self.items[tools[-1] + 1 if tools else 0 :]):
             self.items.append(("message", []))  # a reply always has its message, maybe empty
         stats = stats_of([finished])
         output = [
-            (V1ReasoningOutput if kind == "reasoning" else V1MessageOutput)(content="".join(parts))
+            parts[0]
+            if kind == "tool_call"
+            else (V1ReasoningOutput if kind == "reasoning" else V1MessageOutput)(
+                content="".join(parts)
+            )
             for kind, parts in self.items
         ]
         self.response = V1ChatResponse(

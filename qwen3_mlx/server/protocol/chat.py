@@ -22,6 +22,7 @@ from .common import (
     tool_parameters,
 )
 from .lmstudio import ModelInfo, Runtime, Stats
+from .mcp import MCP_DESCRIPTION, McpCall, McpSelection, ToolResultDelta
 from .sampling import ResponseFormat, SamplingFields
 
 # -- tools -------------------------------------------------------------------------------------
@@ -196,6 +197,7 @@ class ChatCompletionRequest(SamplingFields):
         None,
         description="Most tokens the model may think for before `</think>` is forced.",
     )
+    mcp: bool | McpSelection | None = Field(None, description=MCP_DESCRIPTION)
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -274,6 +276,9 @@ class ResponseMessage(Schema):
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[ResponseToolCall] | None = None
+    mcp_calls: list[McpCall] | None = Field(
+        None, description="With `mcp`: the tool calls the server ran, in order, and their results."
+    )
 
 
 class ChatChoice(Schema):
@@ -309,7 +314,7 @@ class ChunkDelta(Schema):
 
 class ChunkChoice(Schema):
     index: int = 0
-    delta: ChunkDelta
+    delta: ChunkDelta | ToolResultDelta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 

@@ -1,9 +1,11 @@
 """LM Studio 0.4's native REST API (`/api/v1`): chat, the model list, load and unload.
 
 Imported from this module (not re-exported by the package): its names (`V1Model`, `V1Stats`…)
-belong to this API alone. What this server doesn't do is refused by the schema with a message:
-MCP `integrations` (none may be given), stateful chats (`previous_response_id`: this server keeps
-no chats, so a reply carries no `response_id`) and image input (a text-only model).
+belong to this API alone. `integrations` name MCP servers of the server's --mcp-config (`"mcp/<name>"`
+or a plugin object with `allowed_tools`), whose tools the server runs (mcp_loop.py). What this
+server doesn't do is refused by the schema with a message: per-request (`ephemeral_mcp`) MCP
+servers, stateful chats (`previous_response_id`: this server keeps no chats, so a reply carries
+no `response_id`) and image input (a text-only model).
 """
 
 from __future__ import annotations
@@ -47,6 +49,24 @@ class V1ImageInput(RequestPart):
 V1InputItem = Annotated[V1TextInput | SkipJsonSchema[V1ImageInput], Field(discriminator="type")]
 
 
+class V1PluginIntegration(RequestPart):
+    type: Literal["plugin"]
+    id: str = Field(description='A server of --mcp-config: "mcp/<name>".')
+    allowed_tools: list[str] | None = Field(None, description="Default: all its tools.")
+
+
+class V1EphemeralMcp(RequestPart):
+    # Parsed to be refused with a message: tools come only from the servers started with the
+    # server (--mcp-config), never from a URL a request names.
+    type: Literal["ephemeral_mcp"]
+
+
+V1Integration = (
+    str
+    | Annotated[V1PluginIntegration | SkipJsonSchema[V1EphemeralMcp], Field(discriminator="type")]
+)
+
+
 class V1ChatRequest(Request):
     model: str = Field(json_schema_extra=model_name("llm"))
     input: str | list[V1InputItem] = Field(
@@ -54,10 +74,11 @@ class V1ChatRequest(Request):
         "text-only model)."
     )
     system_prompt: str | None = None
-    integrations: list[Any] | None = Field(
+    integrations: list[V1Integration] | None = Field(
         None,
-        max_length=0,
-        description="MCP servers and plugins: not supported here (none may be given).",
+        description="MCP servers of the server's --mcp-config whose tools the server runs: "
+        '"mcp/<name>", or {"type": "plugin", "id": "mcp/<name>", "allowed_tools": [...]}. '
+        "Per-request (ephemeral_mcp) servers are not supported.",
     )
     stream: bool = False
     temperature: float | None = Field(None, ge=0.0, le=5.0)
@@ -88,11 +109,14 @@ class V1ChatRequest(Request):
     )
     ttl: integer(0, INT32_MAX) | None = Field(None, description=TTL_DESCRIPTION)
 
-    @field_validator("integrations", mode="before")
+    @field_validator("integrations")
     @classmethod
-    def _no_integrations(cls, v):
-        if v:
-            raise ValueError("MCP integrations and plugins are not supported by this server")
+    def _no_ephemeral(cls, v):
+        if any(isinstance(item, V1EphemeralMcp) for item in v or ()):
+            raise ValueError(
+                "per-request (ephemeral_mcp) MCP servers are not supported: add the server to "
+                'the server\'s --mcp-config and name it as "mcp/<name>"'
+            )
         return v
 
     @field_validator("previous_response_id", mode="before")
@@ -201,7 +225,24 @@ class V1ReasoningOutput(Schema):
     content: str
 
 
-V1OutputItem = Annotated[V1MessageOutput | V1ReasoningOutput, Field(discriminator="type")]
+class V1ProviderInfo(Schema):
+    type: Literal["plugin"] = "plugin"
+    plugin_id: str  # "mcp/<name>"
+
+
+class V1ToolCallOutput(Schema):
+    """A tool call the server ran: its result (or its error's message) in `output`."""
+
+    type: Literal["tool_call"] = "tool_call"
+    tool: str
+    arguments: dict[str, Any]
+    output: str
+    provider_info: V1ProviderInfo
+
+
+V1OutputItem = Annotated[
+    V1MessageOutput | V1ReasoningOutput | V1ToolCallOutput, Field(discriminator="type")
+]
 
 
 class V1Stats(Schema):
@@ -255,6 +296,33 @@ class V1Delta(Schema):
     content: str
 
 
+class V1ToolCallStart(Schema):
+    type: Literal["tool_call.start"] = "tool_call.start"
+    tool: str
+    provider_info: V1ProviderInfo
+
+
+class V1ToolCallArguments(Schema):
+    type: Literal["tool_call.arguments"] = "tool_call.arguments"
+    tool: str
+    arguments: dict[str, Any]
+    provider_info: V1ProviderInfo
+
+
+class V1ToolCallSuccess(Schema):
+    type: Literal["tool_call.success"] = "tool_call.success"
+    tool: str
+    arguments: dict[str, Any]
+    output: str
+    provider_info: V1ProviderInfo
+
+
+class V1ToolCallFailure(Schema):
+    type: Literal["tool_call.failure"] = "tool_call.failure"
+    reason: str
+    metadata: dict[str, Any]
+
+
 class V1ErrorDetail(Schema):
     type: str  # invalid_request, model_not_found, internal_error…
     message: str
@@ -273,5 +341,15 @@ class V1ChatEnd(Schema):
 
 
 V1Event = (
-    V1ChatStart | V1ModelLoadStart | V1ModelLoadEnd | V1Marker | V1Delta | V1ErrorEvent | V1ChatEnd
+    V1ChatStart
+    | V1ModelLoadStart
+    | V1ModelLoadEnd
+    | V1Marker
+    | V1Delta
+    | V1ToolCallStart
+    | V1ToolCallArguments
+    | V1ToolCallSuccess
+    | V1ToolCallFailure
+    | V1ErrorEvent
+    | V1ChatEnd
 )
