@@ -25,11 +25,13 @@ from langchain_openai import ChatOpenAI
 from openai import OpenAI
 from pydantic import BaseModel
 
-# Seeds 1, 6 and 9 (of 0-9) are left out: on the JSON conversation with LangChain's `Person` tool
+# Seeds 2 and 6 (of 0-9) are left out: on the JSON conversation with LangChain's `Person` tool
 # (a tool the demo model never saw) and thinking on, they babble inside the `name` string until
 # the 512 tokens run out. That is `finish_reason: "length"`, the honest answer to too few tokens
 # (tests/test_server_constrained_output.py covers it), not the empty success tested for here.
-SEEDS = (0, 2, 3)
+# Which seeds babble depends on the demo's weights: every seed of 0-9 was run after each
+# retraining (1, 6 and 9 before the time-tool conversations were added; 2 and 6 since).
+SEEDS = (0, 1, 3)
 SAMPLING = [pytest.param({"seed": seed}, id=f"seed{seed}") for seed in SEEDS] + [
     pytest.param({"temperature": 0}, id="greedy")
 ]

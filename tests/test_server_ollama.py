@@ -235,6 +235,7 @@ def test_errors_in_ollamas_shape(server, client, conv):
         ("/api/chat", {"model": MODEL, "messages": image}),
         ("/api/generate", {"model": MODEL, "prompt": "hi", "images": ["aGVsbG8="]}),
         ("/api/generate", {"model": MODEL, "prompt": "def f(", "suffix": "return 1"}),
+        ("/api/generate", {"model": MODEL, "prompt": "hi", "context": [1, 2, 3]}),
         ("/api/generate", {"model": MODEL, "prompt": "hi", "template": "{{ range .Messages }}"}),
         ("/api/chat", {"model": MODEL, "messages": messages, "keep_alive": "soon"}),
         ("/api/chat", {"model": MODEL, "messages": messages, "format": "yaml"}),
