@@ -38,6 +38,7 @@ from qwen3_mlx.errors import Qwen3MLXError, TokenizerError  # noqa: E402
 # Qwen's pre-tokenizer: like GPT-4's, but digits are split one by one (\p{N}, not \p{N}{1,3}).
 # One copy, shared with the GGUF import (llama.cpp's `qwen2` pre-tokenizer).
 from qwen3_mlx.gguf_tokenizer import QWEN2_SPLIT_PATTERN as QWEN_SPLIT_PATTERN  # noqa: E402
+from qwen3_mlx.gguf_tokenizer import set_qwen2_pipeline  # noqa: E402
 
 FIRST_ADDED_ID = 151643
 
@@ -99,7 +100,7 @@ def find_qwen_tiktoken() -> Path:
 
 
 def _build_tokenizer_json(tiktoken_file: Path):
-    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     tokenizer = TikTokenConverter(
@@ -112,16 +113,8 @@ def _build_tokenizer_json(tiktoken_file: Path):
         )
     # Settings of the hub's Qwen3 tokenizer.json. NFC and full merge replay (ignore_merges
     # off) were checked to give the same ids as tiktoken on every vocabulary entry.
-    tokenizer.normalizer = normalizers.NFC()
     tokenizer.model.ignore_merges = False
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(**_BYTE_LEVEL_OPTIONS),
-        ]
-    )
-    tokenizer.post_processor = processors.ByteLevel(**_BYTE_LEVEL_OPTIONS)
-    tokenizer.decoder = decoders.ByteLevel()
+    set_qwen2_pipeline(tokenizer)
     # Added one by one so each gets the next id, in Qwen3's order.
     for content, special in QWEN3_ADDED_TOKENS:
         token = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False)

@@ -36,13 +36,8 @@ def build_tokenizer(field: Field, source: Path):
     """A `tokenizers.Tokenizer` equal to the one the GGUF metadata describes."""
     from tokenizers import (
         AddedToken,
-        Regex,
         Tokenizer,
-        decoders,
         models,
-        normalizers,
-        pre_tokenizers,
-        processors,
     )
 
     kind = field("tokenizer.ggml.model", None)
@@ -71,6 +66,18 @@ def build_tokenizer(field: Field, source: Path):
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=False, fuse_unk=False)
     tokenizer = Tokenizer(bpe)
+    set_qwen2_pipeline(tokenizer)
+    for content, special in added:
+        token = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False)
+        (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([token])
+    return tokenizer, tokens, types
+
+
+def set_qwen2_pipeline(tokenizer) -> None:
+    """Qwen2's byte-level BPE pipeline around a `tokenizers.Tokenizer`'s BPE model: NFC, its split
+    regex, byte-level pre-tokenizer, post-processor and decoder (the hub's Qwen3 settings)."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
+
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -80,10 +87,6 @@ def build_tokenizer(field: Field, source: Path):
     )
     tokenizer.post_processor = processors.ByteLevel(**BYTE_LEVEL_OPTIONS)
     tokenizer.decoder = decoders.ByteLevel()
-    for content, special in added:
-        token = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False)
-        (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([token])
-    return tokenizer, tokens, types
 
 
 def write_tokenizer(field: Field, source: Path, out_dir: Path) -> dict[str, int]:

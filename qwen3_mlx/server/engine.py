@@ -279,7 +279,7 @@ class Engine(PrefillLoop, DecodeLoop, Residency, Rehearsal):
                     started - admitted,
                     decoded - started,
                     rows,
-                    str(buckets),
+                    buckets,
                 )
             except Exception as e:  # a bug, not a user error: fail what is in flight, go on
                 if self._sync is not None:

@@ -14,7 +14,6 @@ and `anthropic-beta` headers are accepted and not read.
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .anthropic_input import anthropic_to_chat
@@ -82,19 +81,7 @@ class AnthropicApi:
             streaming=body.stream,
             show_thinking=display != "omitted",
         )
-        if body.stream:
-            return running.stream(
-                http,
-                builder.start(),
-                lambda _, step: builder.step(step),
-                lambda _, finished: builder.finish(finished),
-                lambda _: [],
-                error_event=error_event,
-            )
-        builder.start()
-        finished = await running.collect(http, lambda _, step: builder.step(step))
-        builder.finish(finished[0])
-        return JSONResponse(builder.message())
+        return await running.reply(http, builder, body.stream, builder.message, error_event)
 
     async def count_tokens(self, body: CountTokensRequest):
         chat = anthropic_to_chat(body)

@@ -134,41 +134,31 @@ class LMStudioV1Api:
             offered = resolve_selection(
                 self.api.settings.mcp, integration_selection(body.integrations), "integrations"
             )
-        lease = await self.api.loader.acquire(
+        hold = await self.api.loader.acquire(
             body.model,
             kind="llm",
             ttl=UNSET if body.ttl is None else body.ttl,
             context_length=body.context_length,
         )
-        model = lease.model
+        model = hold.model
         check_generates(model)
         chat = chat_of(body)
         if offered is not None:
-            return await self.chat_with_tools(http, body, chat, model, lease, offered)
+            return await self.chat_with_tools(http, body, chat, model, hold, offered)
         prepared = await run_in_threadpool(prepare_chat, chat, model, self.api.limits)
         running = self.api.start(model, [[prepared.sequence]])
         builder = ChatBuilder(
-            instance_id=model.id, load_seconds=lease.load_seconds, streaming=body.stream
+            instance_id=model.id, load_seconds=hold.load_seconds, streaming=body.stream
         )
-        if body.stream:
-            return running.stream(
-                http,
-                builder.start(),
-                lambda _, step: builder.step(step),
-                lambda _, finished: builder.finish(finished),
-                lambda _: [],
-                error_event=error_event,
-            )
-        builder.start()
-        finished = await running.collect(http, lambda _, step: builder.step(step))
-        builder.finish(finished[0])
-        return JSONResponse(dump(builder.response))
+        return await running.reply(
+            http, builder, body.stream, lambda: dump(builder.response), error_event
+        )
 
-    async def chat_with_tools(self, http, body, chat, model, lease, offered):
+    async def chat_with_tools(self, http, body, chat, model, hold, offered):
         """`integrations`: the turns of mcp_loop.ToolLoop written as LM Studio's result."""
         loop = ToolLoop(self.api, http, model, chat, offered, self.api.settings.mcp)
         builder = ChatBuilder(
-            instance_id=model.id, load_seconds=lease.load_seconds, streaming=body.stream
+            instance_id=model.id, load_seconds=hold.load_seconds, streaming=body.stream
         )
 
         async def lines():

@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from ..generation import Sequence as Row
@@ -120,6 +120,31 @@ class Rows:
         ):
             raise ApiError(499, "client disconnected")
         return [finished[i] for i in range(len(self.requests))]
+
+    async def reply(
+        self,
+        http: Request,
+        builder,
+        stream: bool,
+        body: Callable[[], object],
+        error_event: Callable[[ApiError | EngineBusy], str] = openai_error_event,
+    ) -> StreamingResponse | JSONResponse:
+        """One row's reply made by `builder` (`start()` → head lines, `step(output)` and
+        `finish(finished)` → event lines): streamed as those events, or once finished `body()`
+        as JSON."""
+        if stream:
+            return self.stream(
+                http,
+                builder.start(),
+                lambda _, step: builder.step(step),
+                lambda _, finished: builder.finish(finished),
+                lambda _: [],
+                error_event=error_event,
+            )
+        builder.start()
+        finished = await self.collect(http, lambda _, step: builder.step(step))
+        builder.finish(finished[0])
+        return JSONResponse(body())
 
     def stream(
         self,

@@ -30,7 +30,7 @@ class TurnClock:
         self.seconds = {"admit": 0.0, "prefill": 0.0, "decode": 0.0}
         self.longest = 0.0
 
-    def turn(self, admit: float, prefill: float, decode: float, rows: int, buckets: str) -> None:
+    def turn(self, admit: float, prefill: float, decode: float, rows: int, buckets: list) -> None:
         """One engine turn: seconds spent admitting requests, in a prefill chunk and in decode
         steps for `rows` rows in slot buckets `buckets`."""
         if decode > SLOW_TURN:
