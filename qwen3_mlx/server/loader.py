@@ -4,7 +4,7 @@ idle too long (their TTL) or to make room (least recently used first).
 
 - **Once.** Concurrent requests for the same cold model share one load (one task per name);
   loads run one at a time, so the memory check and the room each makes are not raced.
-- **Held while used.** A request holds (leases) every model it named until its response has been
+- **Held while used.** A request holds every model it named until its response has been
   sent, a stream's last event included (`HoldModels`, the outermost ASGI layer): a model with
   requests in flight is never unloaded, by TTL or eviction. An explicit unload of such a model
   is refused (503), as is a load that could only make room by unloading one.
@@ -50,7 +50,7 @@ DEFAULT_TTL = 3600.0  # seconds: LM Studio's idle TTL for models it loads just i
 UNSET: Any = object()  # a request that says nothing of the TTL (None: stay loaded)
 
 # The residents the current HTTP request holds (set per request by `HoldModels`).
-LEASES: ContextVar[list | None] = ContextVar("qwen3_mlx_leases", default=None)
+HELD: ContextVar[list | None] = ContextVar("qwen3_mlx_held_models", default=None)
 
 
 class LoadRefused(Exception):
@@ -101,17 +101,17 @@ class Resident:
     model: LoadedModel
     ttl: float | None  # idle seconds before it is unloaded; None: it stays
     last_used: float = field(default_factory=time.monotonic)
-    leases: int = 0  # requests holding it
+    holders: int = 0  # requests holding it
     load_seconds: float = 0.0
 
     def expires_in(self, now: float) -> float | None:
-        if self.ttl is None or self.leases:
+        if self.ttl is None or self.holders:
             return None
         return self.last_used + self.ttl - now
 
 
 @dataclass
-class Lease:
+class Hold:
     model: LoadedModel
     load_seconds: float | None = None  # the load this request waited for (None: none)
 
@@ -139,7 +139,7 @@ class ModelLoader:
         # its TTL nor another load's eviction may take it before they resume and hold it).
         self._pending: Counter[str] = Counter()
         self._lock = asyncio.Lock()  # one load or unload at a time
-        self._wake = asyncio.Event()  # a lease ended or a TTL changed: look again
+        self._wake = asyncio.Event()  # a hold ended or a TTL changed: look again
         self._reaper: asyncio.Task | None = None
 
     @classmethod
@@ -211,7 +211,7 @@ class ModelLoader:
         keep_alive: Any = UNSET,
         context_length: int | None = None,
         any_name: bool = True,
-    ) -> Lease:
+    ) -> Hold:
         """The model `name` names, loaded if it is not, held until this request's response
         ends. If this request loads it: `ttl` (LM Studio's: seconds, None: stay loaded; else
         --ttl) is its TTL and `context_length` its context. `keep_alive` (Ollama's) becomes
@@ -231,12 +231,12 @@ class ModelLoader:
                 waited = time.monotonic() - started
                 continue
             self._hold(self.residents[found.id], keep_alive)
-            return Lease(found, waited)
+            return Hold(found, waited)
         raise LoadRefused(f"model {name!r} was unloaded as it loaded; retry", "model_unloaded")
 
     def _idle(self, resident: Resident) -> bool:
         """Neither held by a request nor awaited by one (its load just ended)."""
-        return not resident.leases and not self._pending[resident.model.id]
+        return not resident.holders and not self._pending[resident.model.id]
 
     def _due(self, resident: Resident, now: float) -> bool:
         """Idle past its TTL (and still the loaded one of its name)."""
@@ -248,16 +248,16 @@ class ModelLoader:
         resident.last_used = time.monotonic()
         if ttl is not UNSET and not self.frozen:
             resident.ttl = ttl
-        held = LEASES.get()
-        if held is not None:  # (outside an HTTP request nothing would end a lease: none taken)
-            resident.leases += 1
+        held = HELD.get()
+        if held is not None:  # (outside an HTTP request nothing would end a hold: none taken)
+            resident.holders += 1
             held.append(resident)
         self._watch()
 
     def release(self, resident: Resident) -> None:
-        resident.leases -= 1
+        resident.holders -= 1
         resident.last_used = time.monotonic()
-        if not resident.leases:
+        if not resident.holders:
             self._wake.set()
 
     def set_ttl(self, model_id: str, ttl: float | None) -> None:
@@ -367,7 +367,7 @@ class ModelLoader:
                 raise ModelNotFound(f"no loaded model {model_id!r}")
             if not self._idle(resident):
                 raise LoadRefused(
-                    f"model '{model_id}' is serving {resident.leases} request(s); unload it when "
+                    f"model '{model_id}' is serving {resident.holders} request(s); unload it when "
                     "they finish",
                     "model_busy",
                 )
@@ -426,10 +426,10 @@ class HoldModels:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         held: list[Resident] = []
-        token = LEASES.set(held)
+        token = HELD.set(held)
         try:
             await self.app(scope, receive, send)
         finally:
-            LEASES.reset(token)
+            HELD.reset(token)
             for resident in held:
                 self.loader.release(resident)

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .catalog import CatalogEntry
 from .guard import ErrorReshaper
-from .loader import Lease
+from .loader import Hold
 from .models import LoadedModel, ModelNotFound
 from .ollama_input import chat_of, generate_of, keep_alive_seconds, ollama_error
 from .output.ollama import NDJSON, Records, entry, error_line, loaded, running, show
@@ -107,7 +107,7 @@ class OllamaApi:
                 pass
         raise ApiError(404, f"model '{name}' not found", param="model")
 
-    async def acquire(self, name: str, keep_alive=None) -> Lease:
+    async def acquire(self, name: str, keep_alive=None) -> Hold:
         """The model `name` names, loaded if it is not; `keep_alive` becomes its TTL."""
         found = self.lookup(name)
         return await self.api.loader.acquire(
@@ -132,20 +132,20 @@ class OllamaApi:
         started = time.perf_counter()
         if not body.messages:
             return await self._load_request(body, chat=True)
-        lease = await self.acquire(body.model, body.keep_alive)
-        check_generates(lease.model)
-        return await self._run(http, lease, chat_of(body), body, started, chat=True)
+        hold = await self.acquire(body.model, body.keep_alive)
+        check_generates(hold.model)
+        return await self._run(http, hold, chat_of(body), body, started, chat=True)
 
     async def generate(self, http: Request, body: OllamaGenerateRequest):
         started = time.perf_counter()
         if not body.prompt:
             return await self._load_request(body, chat=False)
-        lease = await self.acquire(body.model, body.keep_alive)
-        check_generates(lease.model)
-        return await self._run(http, lease, generate_of(body), body, started, chat=False)
+        hold = await self.acquire(body.model, body.keep_alive)
+        check_generates(hold.model)
+        return await self._run(http, hold, generate_of(body), body, started, chat=False)
 
-    async def _run(self, http: Request, lease: Lease, request, body, started, chat: bool):
-        model = lease.model
+    async def _run(self, http: Request, hold: Hold, request, body, started, chat: bool):
+        model = hold.model
 
         def prepare():
             if isinstance(request, ChatCompletionRequest):
@@ -163,7 +163,7 @@ class OllamaApi:
             streaming=body.stream,
             started=started,
             raw=not isinstance(request, ChatCompletionRequest),
-            load=lease.load_seconds or 0.0,
+            load=hold.load_seconds or 0.0,
         )
         if body.stream:
             return running_rows.stream(
