@@ -241,7 +241,23 @@ def run_join(base: str, model: str, running: int, prompt: int, max_tokens: int) 
 
 
 def ceiling(model_dir: Path, prompts: list[int], max_tokens: int) -> list[dict]:
-    """`stream_generate` in this process: the single-stream ceiling."""
+    """`stream_generate` in a process of its own: the single-stream ceiling.
+
+    Not in this process: MLX keeps a freed model's memory in its buffer cache, and on the CUDA
+    backend (managed memory) two processes holding more than the card has slow each other by
+    seconds a step as pages migrate. The servers measured next must have the card to
+    themselves."""
+    command = [sys.executable, "-m", "benchmarks.serve", "--model", str(model_dir)]
+    command += ["--prompt", ",".join(map(str, prompts)), "--max-tokens", str(max_tokens)]
+    done = subprocess.run(
+        [*command, "--ceiling-only"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise RuntimeError(f"stream_generate failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _ceiling_here(model_dir: Path, prompts: list[int], max_tokens: int) -> list[dict]:
     from qwen3_mlx import load, stream_generate
 
     model, tokenizer = load(model_dir)
@@ -297,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "decoding streams (max-tokens x 16 each); their speed while it prefills, its TTFT",
     )
     p.add_argument("--port", type=int, default=0, help="0: a free one")
+    p.add_argument("--ceiling-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help="output stem (default: results/serve_<model>_<machine>_<date>)")
     args = p.parse_args(argv)
     streams = [int(x) for x in args.streams.split(",")]
@@ -312,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_dir = Path(args.model)
 
+    if args.ceiling_only:  # the child process of `ceiling`: rows as one JSON line
+        print(json.dumps(_ceiling_here(model_dir, prompts, args.max_tokens)))
+        return 0
     rows, ceiling_rows, joins = [], [], []
     stem = args.out or str(RESULTS / f"serve_{name}_{platform.node()}_{time.strftime('%Y-%m-%d')}")
 

@@ -91,7 +91,10 @@ class CompiledDecode:
         self.traced.add(signature)
 
     def __call__(self, body: Qwen3Model, h: mx.array, cache: list, offset: mx.array) -> mx.array:
-        mask = create_attention_mask(h, cache[0])
+        # A cache of left-padded rows that says where each starts (the server's batch) needs
+        # its mask only if the attention kernel does not run.
+        starts = getattr(cache[0], "row_starts", None)
+        mask = None if starts is not None else create_attention_mask(h, cache[0])
         q, k, v = self.steps[0](h, offset)
         last = len(body.layers) - 1
         kernel_attention = None  # decided once per step: the layers' caches advance together
@@ -103,9 +106,11 @@ class CompiledDecode:
                     and all(type(c) is type(layer_cache) for c in cache)
                     and fused.decode_attention_covered(q, keys, values, mask, layer_cache)
                 )
+                if not kernel_attention and starts is not None:
+                    mask = create_attention_mask(h, cache[0])
             attn_layer = layer.self_attn
             if kernel_attention:
-                attn = fused.decode_attention(q, keys, values, attn_layer.scale, attn_layer)
+                attn = fused.decode_attention(q, keys, values, attn_layer.scale, attn_layer, starts)
             else:
                 # Heads stay unmerged: a transpose + reshape is two more host dispatches.
                 attn = attn_layer.attend(q, keys, values, mask, layer_cache, merge=False)
@@ -198,8 +203,8 @@ class CpuDecode:
         qk = heads[:, : nq + nkv]
         x = qk.astype(mx.float32)
         inv_rms = mx.rsqrt(mx.mean(mx.square(x), axis=(-2, -1), keepdims=True) + attn.q_norm.eps)
-        normed = (x * inv_rms).astype(h.dtype) * c["weight"]
-        swapped = (qk[:, :, ::-1].astype(mx.float32) * inv_rms).astype(h.dtype)
+        normed = (x * inv_rms).astype(qk.dtype) * c["weight"]
+        swapped = (qk[:, :, ::-1].astype(mx.float32) * inv_rms).astype(qk.dtype)
         qk = (normed * cos + swapped * c["weight_swapped"] * sin) * c["scale"]
         q = qk[:, :nq].reshape(B, nkv, nq // nkv, hd)
         k = qk[:, nq:].reshape(B, nkv, 1, hd)
@@ -218,7 +223,10 @@ class CpuDecode:
 
     def _first(self, tokens: mx.array, offset: mx.array):
         h = embed_rows(self.body.embed_tokens, tokens)
-        cos, sin = self._rope_table(offset, h.dtype)
+        # q and k's dtype, not the lookup's: a float-mode (mxfp4...) table looks up bfloat16,
+        # which a float32 model's norms promote.
+        dtype = mx.result_type(h, self.body.layers[0].input_layernorm.weight)
+        cos, sin = self._rope_table(offset, dtype)
         return (h, cos, sin, *self._start(0, h, cos, sin))
 
     def _between(self, i: int):

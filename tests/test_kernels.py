@@ -962,6 +962,20 @@ def test_decode_attention_coverage(monkeypatch):
         cache = QuantizedKVCache()
         q, k, v = views(cache)
         assert not covered(q, k, v, None, cache)
+    with kernels.launched_by(refuse_launch, "cuda"):
+        # The server's batch: left-padded rows that say where they start, covered at any
+        # length (MLX's CUDA attention has no fused kernel for a mask); a window's mask says
+        # more than starts (row_starts None): not covered.
+        monkeypatch.setattr(tuning, "ATTENTION_MIN_KEYS", 1024)
+        q, k, v = views(KVCache(), batch=3)
+        padded = type("Padded", (), {"row_starts": mx.array([0, 4, 39], dtype=mx.int32)})()
+        assert covered(q, k, v, None, padded)
+        windowed = type("Windowed", (), {"row_starts": None})()
+        assert not covered(q, k, v, mx.ones((3, 1, 1, 40), dtype=mx.bool_), windowed)
+        wrong = type("Wrong", (), {"row_starts": mx.array([0, 4], dtype=mx.int32)})()
+        assert not covered(q, k, v, None, wrong)
+    with kernels.launched_by(refuse_launch, "metal"):  # Metal: MLX's attention takes masks
+        assert not covered(q, k, v, None, padded)
 
 
 def _filled_cache(batch, kv_heads, head_dim, length, dtype, seed):

@@ -450,6 +450,90 @@ def test_decode_attention(metal, heads, kv_heads, length, dtype):
     assert err < (1e-5 if dtype == mx.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_attention_row_starts(metal, dtype):
+    """Rows that start at different columns (the server's left-padded batch): each attends to
+    its own keys only, whether they fill every split, some, or one key of one split."""
+    batch, heads, kv_heads, length, head_dim = 4, 8, 2, 70, 128  # 3 splits
+    mx.random.seed(3)
+    q = mx.random.normal((batch, heads, 1, head_dim)).astype(dtype)
+    keys = mx.random.normal((batch, kv_heads, length, head_dim)).astype(dtype)
+    values = mx.random.normal((batch, kv_heads, length, head_dim)).astype(dtype)
+    starts = mx.array([0, 20, 60, length - 1], dtype=mx.int32)
+    mask = (mx.arange(length)[None, :] >= starts[:, None])[:, None, None, :]
+
+    class Owner:
+        pass
+
+    scale = head_dim**-0.5
+    out = kernels.decode_attention(q, keys, values, scale, Owner(), starts)
+    f32 = [a.astype(mx.float32) for a in (q, keys, values)]
+    ref = mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask=mask)
+    err = rel_err(out, ref)
+    report("decode_attention_row_starts", dtype=dtype, rel=err, max_abs=max_abs(out, ref))
+    assert err < (1e-5 if dtype == mx.float32 else 1e-2)
+    # Each row on its own (its keys from its start, no mask) gives the same.
+    for b in range(batch):
+        s = starts[b].item()
+        alone = mx.fast.scaled_dot_product_attention(
+            f32[0][b : b + 1], f32[1][b : b + 1, :, s:], f32[2][b : b + 1, :, s:], scale=scale
+        )
+        assert max_abs(out[b : b + 1], alone) < (1e-5 if dtype == mx.float32 else 2e-2)
+
+
+def test_server_batch_attends_through_row_starts(metal, monkeypatch):
+    """The server's batch (slots of left-padded rows, a free slot among them) decodes with the
+    attention kernel reading each slot's first column instead of a mask, and every row gets
+    the logits of MLX's masked attention. (The hand-off is allowed on the emulator here; a
+    real Metal GPU keeps MLX's attention, see NEEDS_SPLIT.)"""
+    from types import SimpleNamespace
+
+    from mlx_lm.models.cache import KVCache
+
+    from qwen3_mlx.kernels.check import check_model
+    from qwen3_mlx.server.batch import Batch, Row
+
+    monkeypatch.setattr(tuning, "SPLIT_BACKENDS", ("metal", "cuda"))
+    model = check_model(mx.float32)
+    loaded = SimpleNamespace(model=model, max_kv_size=None)
+    mx.random.seed(7)
+
+    def logits_with(plan: KernelPlan) -> tuple[mx.array, int]:
+        model.use_kernels(plan, compile="layer")
+        _use(monkeypatch, plan)
+        batch = Batch(loaded)
+        for length in (40, 3, 17):
+            row = Row.__new__(Row)
+            row.cache = [KVCache() for _ in model.layers]
+            prompt = mx.arange(1, length + 1)[None] % 500
+            mx.eval(model(prompt, cache=row.cache))
+            batch.add(row)
+        batch.keep([0, 2])  # slot 1 is free now: it decodes a zero row
+        batch.add(row_of(model, 9))
+        steps = []
+        for step in range(3):
+            inputs = mx.array([5 + step, 6, 7], dtype=mx.int32)
+            steps.append(batch.forward(inputs))
+        mx.eval(steps)
+        return mx.stack(steps), batch.slots.size
+
+    def row_of(model, length):
+        row = Row.__new__(Row)
+        row.cache = [KVCache() for _ in model.layers]
+        mx.eval(model(mx.arange(2, length + 2)[None], cache=row.cache))
+        return row
+
+    reference, size = logits_with(KernelPlan(backend="metal"))
+    before = _launched(metal, "decode_attention")
+    fused, _ = logits_with(KernelPlan(backend="metal", attention=True))
+    assert size == 4
+    assert _launched(metal, "decode_attention") - before == 3 * len(model.layers)
+    err = rel_err(fused, reference)
+    report("server_batch_row_starts", rel=err)
+    assert err < 1e-5
+    model.use_kernels(KernelPlan())
+
+
 # ---------------------------------------------------------------------------------------------
 # The emulation can fail
 

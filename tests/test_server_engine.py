@@ -435,3 +435,15 @@ def test_windowed_slots_match_a_rotating_cache(served, monkeypatch):
     assert batch.slots.dropped[slot] > 0  # compacted, not only masked
     assert batch.slots.end - batch.slots.pads[slot] <= window + 8
     assert batch.extract(0, 10) is None  # past its window: no prefix store entry
+
+
+def test_prefill_share_grows_while_more_prompts_wait_than_rows_decode():
+    """One newcomer beside 7 running streams gets the usual quarter of the engine's time; 7
+    clients arriving while one stream runs get most of it (their first tokens are waiting)."""
+    from qwen3_mlx.server.prefill import PREFILL_SHARE, decode_per_prefill
+
+    usual = (1 - PREFILL_SHARE) / PREFILL_SHARE
+    assert decode_per_prefill(1, 7) == pytest.approx(usual)
+    assert decode_per_prefill(2, 2) == pytest.approx(1.0)  # half each
+    assert decode_per_prefill(7, 1) == pytest.approx(0.25)  # capped at BURST_SHARE 0.8
+    assert decode_per_prefill(30, 2) == pytest.approx(0.25)

@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from . import tuning
-from .build import backend, float_bits, run, split_count, tickets
+from .build import backend, dummy, float_bits, run, split_count, tickets
 
 
 def qk_norm_rope_covered(x: mx.array, head_dim: int) -> bool:
@@ -206,20 +206,24 @@ def attention_site() -> str:
 
 
 def decode_attention_covered(q: mx.array, keys, values, mask, cache) -> bool:
-    """One query per row over a plain KV cache (mlx-lm's KVCache: its keys and values are
-    [..., :length, :] views with unit stride over head_dim), no mask, from tuning.ATTENTION_MIN_KEYS
-    keys, on backends with the cross-threadgroup hand-off (tuning.SPLIT_BACKENDS: one threadgroup
-    per KV head would leave a long cache to a handful of threadgroups)."""
-    if type(cache) is not KVCache or mask is not None or not isinstance(keys, mx.array):
+    """One query per row, on backends with the cross-threadgroup hand-off (tuning.SPLIT_BACKENDS:
+    one threadgroup per KV head would leave a long cache to a handful of threadgroups), over
+    - a plain KV cache (mlx-lm's KVCache: its keys and values are [..., :length, :] views with
+      unit stride over head_dim), no mask, from tuning.ATTENTION_MIN_KEYS keys; or
+    - a cache whose rows are left-padded and say where they start (`row_starts`, the server's
+      batch), at any length: MLX's CUDA attention has no fused kernel for a mask array, and its
+      unfused fallback costs several launches a layer."""
+    starts = getattr(cache, "row_starts", None)
+    if starts is None and (type(cache) is not KVCache or mask is not None):
         return False
-    if backend() not in tuning.SPLIT_BACKENDS:
+    if not isinstance(keys, mx.array) or backend() not in tuning.SPLIT_BACKENDS:
         return False
     batch, heads, queries, head_dim = q.shape
     kv_heads = keys.shape[1]
     return (
         queries == 1
         and keys.ndim == 4
-        and keys.shape[2] >= tuning.ATTENTION_MIN_KEYS
+        and (starts is not None or keys.shape[2] >= tuning.ATTENTION_MIN_KEYS)
         and keys.shape == values.shape
         and keys.shape[0] == batch
         and keys.shape[3] == head_dim
@@ -229,12 +233,22 @@ def decode_attention_covered(q: mx.array, keys, values, mask, cache) -> bool:
         and q.dtype in tuning.FLOAT_TYPES
         and keys.dtype == q.dtype == values.dtype
         and batch * heads <= tuning.TICKETS
+        and (starts is None or starts.shape == (batch,))
     )
 
 
-def decode_attention(q: mx.array, keys: mx.array, values: mx.array, scale: float, owner):
+def decode_attention(
+    q: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    owner,
+    starts: mx.array | None = None,
+):
     """softmax(scale * q K^T) V for one query per row; (B, H, 1, D) like q, one launch.
-    `owner` (the attention layer) holds the call site's arrival counters."""
+    `owner` (the attention layer) holds the call site's arrival counters. `starts` (B,) int32:
+    each row attends to keys [start, length) only (the server's batch, whose rows are
+    left-padded), in place of a mask."""
     batch, heads, _, head_dim = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
@@ -245,7 +259,13 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, scale: float
     scratch = rows * tuning.ATTENTION_MAX_SPLITS * per_group if splits > 1 else 1
     out, _, _ = run(
         "decode_attention",
-        inputs=[q, keys, values, tickets(owner, attention_site())],
+        inputs=[
+            q,
+            keys,
+            values,
+            dummy(mx.int32) if starts is None else starts,
+            tickets(owner, attention_site()),
+        ],
         template=[
             ("T", q.dtype),
             ("D", head_dim),
@@ -255,6 +275,7 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, scale: float
             ("SPLIT_KEYS", tuning.ATTENTION_SPLIT_KEYS),
             ("MAX_SPLITS", tuning.ATTENTION_MAX_SPLITS),
             ("SCALE_BITS", float_bits(scale * tuning.LOG2_E)),
+            ("ROW_STARTS", starts is not None),
         ],
         grid=(splits * threads, rows, 1),
         threadgroup=(threads, 1, 1),

@@ -46,7 +46,7 @@ SPECS: dict[str, tuple[list[str], list[str]]] = {
         ],
         ["q_out", "k_out", "v_out", "raw"],
     ),
-    "decode_attention": (["q", "keys", "values", "tickets"], ["out", "partial", "stats"]),
+    "decode_attention": (["q", "keys", "values", "starts", "tickets"], ["out", "partial", "stats"]),
 }  # fmt: skip
 # Kernels that read some inputs as strided views (through their shape and strides) rather
 # than have MLX copy them to row-major first: the KV cache's [..., :length, :] slices.

@@ -36,7 +36,7 @@ from .options import FLAG_KERNELS, KernelPlan
 
 log = logging.getLogger("qwen3_mlx.kernels")
 
-CHECK_VERSION = 2  # bump when what a check does changes: every verdict is redone
+CHECK_VERSION = 3  # bump when what a check does changes: every verdict is redone
 # ||kernel - reference|| / ||reference|| of the logits. In float32 a kernel agrees to ~1e-6; in
 # bfloat16 rounding alone reaches ~5% on the check's random model, a broken kernel ~100%.
 TOLERANCE = {mx.float32: 1e-3, mx.bfloat16: 0.15}
@@ -244,6 +244,12 @@ def check(models, flag: str, backend: str, device: str) -> Verdict:
                 errors.append((dtype, error))
                 if not error <= TOLERANCE[dtype]:  # NaN fails too
                     verdict.note = f"relative error {error:.3g} > {TOLERANCE[dtype]} in {dtype}"
+            if flag == "attention":  # the server's batch: left-padded rows, any length
+                with build.launched_by(counted, backend):
+                    error = _row_starts_error(dtype)
+                errors.append((dtype, error))
+                if not error <= ROW_STARTS_TOLERANCE[dtype]:
+                    verdict.note = f"left-padded rows: relative error {error:.3g} in {dtype}"
     except Exception as e:  # a kernel that does not compile or crashes: off, never fatal
         verdict.note = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         verdict.seconds = time.perf_counter() - started
@@ -260,6 +266,32 @@ def check(models, flag: str, backend: str, device: str) -> Verdict:
     elif not verdict.note:
         verdict.passed = True
     return verdict
+
+
+# The attention output itself (no model around it): bfloat16 inputs, float32 accumulation.
+ROW_STARTS_TOLERANCE = {mx.float32: 1e-4, mx.bfloat16: 2e-2}
+
+
+def _row_starts_error(dtype) -> float:
+    """Decode attention over rows that start at different columns (`starts`), against MLX's
+    attention with the equivalent mask; ||kernel - reference|| / ||reference||."""
+    from .attention import decode_attention
+
+    batch, heads, kv_heads, length, head_dim = 3, 8, 2, 70, 128
+    q = mx.random.normal((batch, heads, 1, head_dim)).astype(dtype)
+    keys = mx.random.normal((batch, kv_heads, length, head_dim)).astype(dtype)
+    values = mx.random.normal((batch, kv_heads, length, head_dim)).astype(dtype)
+    starts = mx.array([0, 37, length - 1], dtype=mx.int32)  # all, some, only its own key
+    mask = (mx.arange(length)[None, :] >= starts[:, None])[:, None, None, :]
+    scale = head_dim**-0.5
+
+    class Site:  # the call site's arrival counters live here
+        pass
+
+    out = decode_attention(q, keys, values, scale, Site(), starts).astype(mx.float32)
+    f32 = [a.astype(mx.float32) for a in (q, keys, values)]
+    reference = mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask=mask)
+    return float((mx.linalg.norm(out - reference) / mx.linalg.norm(reference)).item())
 
 
 # A call site stays on unless its kernels make the step slower by more than the timing noise.

@@ -2,7 +2,8 @@
 
 A prompt starts from the longest prefix in the prefix store (or waits for a sibling that is
 prefilling a longer shared prefix), is prefilled in chunks of `--prefill-step` tokens and then joins
-its model's batch. While rows decode, prefill gets at most PREFILL_SHARE of the engine's time.
+its model's batch. While rows decode, prefill gets at most PREFILL_SHARE of the engine's time, or
+more while more prompts wait than rows decode (`decode_per_prefill`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,19 @@ log = logging.getLogger("qwen3_mlx.server")
 # made small instead: on an MoE model even a short one reads most experts' weights, about as much
 # as a decode step.)
 PREFILL_SHARE = 0.25
-_DECODE_PER_PREFILL = (1 - PREFILL_SHARE) / PREFILL_SHARE
+# ...unless more prompts wait than rows decode: then the share is the waiting prompts' part of
+# all requests (up to BURST_SHARE). A waiting request streams nothing, and a batch decodes a
+# few more rows for little more time a step, so when 8 clients send together, letting the first
+# one decode while the other 7 queue behind a 25% share only delays 7 first tokens by seconds.
+BURST_SHARE = 0.8
 GROWTH = 1.25
+
+
+def decode_per_prefill(waiting: int, decoding: int) -> float:
+    """Seconds the running rows decode for each second of prefill, with `waiting` prompts
+    prefilling and `decoding` rows running."""
+    share = max(PREFILL_SHARE, min(BURST_SHARE, waiting / max(1, waiting + decoding)))
+    return (1 - share) / share
 
 
 class PrefillLoop:
@@ -65,7 +77,9 @@ class PrefillLoop:
         planned = sum(len(r.request.prompt) - 1 - r.prefilled for r in self._prefilling)
         # A prompt's later chunks attend to more keys: each costs a little more than the last.
         expected = GROWTH * self._prefill_seconds_per_token * min(planned, self.prefill_step)
-        go = not running or self._decode_credit >= _DECODE_PER_PREFILL * expected
+        decoding = sum(len(b.rows) for b in self._batches.values())
+        ratio = decode_per_prefill(len(self._prefilling), decoding)
+        go = not running or self._decode_credit >= ratio * expected
         if self._sync is not None:
             # Timings differ between ranks: rank 0's decision is every rank's, or their
             # collectives would pair a prefill chunk on one rank with a decode step on another.
@@ -90,7 +104,7 @@ class PrefillLoop:
             rate = spent / tokens
             self._prefill_seconds_per_token = 0.3 * known + 0.7 * rate if known else rate
             if running:
-                self._decode_credit -= _DECODE_PER_PREFILL * spent
+                self._decode_credit -= ratio * spent
 
     def _prefill_chunk(self) -> int:
         """Spend up to `prefill_step` tokens of prefill, oldest request first; returns how many."""

@@ -13,7 +13,9 @@ mlx-lm's left-padded `BatchKVCache` layout with three differences that matter on
   q/k/v, attention over its one visible column and the feed-forward all map zero to zero), so it
   routes to one fixed set of experts and costs no extra weight reads beyond that set.
 - Positions and the mask are made once per step for all layers, from host-side integers: no
-  per-layer offset arithmetic and no device-to-host read when rows leave.
+  per-layer offset arithmetic and no device-to-host read when rows leave. Where the decode
+  attention kernel runs (CUDA), it reads each slot's first column (`row_starts`) instead of a
+  mask: MLX's CUDA attention has no fused kernel for a mask array.
 - Joining copies only the newcomer's K/V into its slot; the other rows are copied only when a
   newcomer is longer than `end` (everything shifts right) or the bucket changes.
 """
@@ -97,6 +99,12 @@ class SlotLayer:
         return self.slots.mask
 
     @property
+    def row_starts(self) -> mx.array | None:
+        """Each slot's first visible column (int32), when that is all its mask says: a decode
+        attention kernel can then skip the mask (kernels.decode_attention_covered)."""
+        return self.slots.row_starts
+
+    @property
     def state(self) -> tuple[mx.array, ...]:
         return self.key_parts + self.value_parts
 
@@ -139,7 +147,9 @@ class Slots:
         attn = model.layers[0].self_attn
         heads, head_dim = attn.n_kv_heads, attn.head_dim
         embed = model.model.embed_tokens  # K/V come out in the activations' dtype
-        dtype = embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
+        # That of a lookup through the first norm, never evaluated: a float-mode (mxfp4...)
+        # table has uint8 scales and looks up bfloat16, which float32 norm weights promote.
+        dtype = model.layers[0].input_layernorm(embed(mx.zeros((1, 1), mx.int32))).dtype
         self.quantized = isinstance(template[0], QuantizedKVCache)
         self.size = size
         self.end = 0
@@ -162,7 +172,9 @@ class Slots:
             for _ in template
         ]
         self.positions: mx.array | None = None
-        self.mask: mx.array | None = None
+        self.row_starts: mx.array | None = None  # None with a window: the mask says more
+        self._pads: list[int] = []  # the step's first visible column per slot
+        self._mask: mx.array | None = None
 
     @property
     def capacity(self) -> int:
@@ -250,7 +262,8 @@ class Slots:
     # -- one decode step -----------------------------------------------------------------------
 
     def begin_step(self) -> None:
-        """Positions and mask for the step that writes column `end` (made once for all layers)."""
+        """Positions, first visible columns and (on demand) the mask for the step that writes
+        column `end`, made once for all layers."""
         if self.window is not None:
             self._compact_windows()
         self._reserve(self.end + 1)
@@ -258,13 +271,22 @@ class Slots:
         pads = [end if p is None else p for p in self.pads]  # a free slot sees its own column
         positions = [end - p + d for p, d in zip(pads, self.dropped, strict=True)]
         self.positions = mx.array(positions, dtype=mx.int32)
-        columns = mx.arange(end + 1)[None, :]
-        starts = mx.array(pads)[:, None]
-        visible = columns >= starts
-        if self.window is not None:
-            recent = [max(p + KEEP, end + 1 - (self.window - KEEP)) for p in pads]
-            visible &= (columns < starts + KEEP) | (columns >= mx.array(recent)[:, None])
-        self.mask = visible[:, None, None, :]
+        self.row_starts = None if self.window is not None else mx.array(pads, dtype=mx.int32)
+        self._pads, self._mask = pads, None
+
+    @property
+    def mask(self) -> mx.array:
+        """(slots, 1, 1, end + 1) bool: the columns each slot's query sees this step."""
+        if self._mask is None:
+            end, pads = self.end, self._pads
+            columns = mx.arange(end + 1)[None, :]
+            starts = mx.array(pads)[:, None]
+            visible = columns >= starts
+            if self.window is not None:
+                recent = [max(p + KEEP, end + 1 - (self.window - KEEP)) for p in pads]
+                visible &= (columns < starts + KEEP) | (columns >= mx.array(recent)[:, None])
+            self._mask = visible[:, None, None, :]
+        return self._mask
 
     def _compact_windows(self) -> None:
         """Drop a windowed row's masked columns once there are STEP of them: its KEEP first
