@@ -17,7 +17,7 @@ Flags follow `mlx_lm.convert`. Three properties matter for checkpoints of hundre
 
 This module is the entry point and runs the steps in order; each step lives in its own module:
 convert_cli (flags), convert_plan (checks before any write), convert_stream (tensors → shards),
-convert_output (destination, side files, atomic rename).
+convert_output (destination, side files, atomic rename); convert_dequantize (`--dequantize`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 from . import quant
 from .config import ModelArgs, load_config
 from .convert_cli import DEFAULT_MAX_SHARD_SIZE, configure_parser, parse_size
+from .convert_dequantize import dequantize_checkpoint
 from .convert_output import check_destination, staged_output, write_side_files
 from .convert_plan import (
     DTYPES,
@@ -59,16 +60,20 @@ def convert(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
     shard_delay: float = 0.0,
+    dequantize: bool = False,
 ) -> Path:
     """Convert `hf_path` (directory or hub id) into an MLX checkpoint at `mlx_path`.
 
     Same arguments as `mlx_lm.convert` (plus `quant_recipe`, which implies `quantize`, and
     `force`; `shard_delay`: seconds to wait after each source shard, for tests that stop a run
-    mid-way). Returns the destination directory.
+    mid-way). `dequantize`: `hf_path` is a quantized MLX checkpoint, written back as float
+    (convert_dequantize). Returns the destination directory.
     """
     dst = Path(mlx_path).expanduser()
     if quant_recipe is not None:
         quantize = True
+    if quantize and dequantize:
+        raise ConvertError("-q/--quant-recipe and --dequantize: choose one")
     if quantize:
         bits, group_size, recipe = quant.validate_settings(
             q_bits, q_group_size, q_mode, quant_recipe
@@ -81,6 +86,10 @@ def convert(
     src = resolve_model_path(hf_path, allow_patterns=[*MODEL_PATTERNS, "*.md", "LICENSE*"])
     check_destination(dst, src, force)
     config = load_config(src)
+    if dequantize:
+        return dequantize_checkpoint(
+            src, dst, config, dtype=dtype, max_bytes=max_bytes, progress=progress
+        )
     check_source_not_quantized(config, src)
     args = ModelArgs.from_dict(config, str(src / "config.json"))
     model = Model(args)  # parameters stay lazy: only names and shapes are used
@@ -93,7 +102,7 @@ def convert(
     dtype_name = output_dtype_name(dtype, config)
     settings, quantization = {}, None
     if quantize:
-        settings, quantization = quant.plan_quantization(model, bits, group_size, recipe)
+        settings, quantization = quant.plan_quantization(model, bits, group_size, recipe, q_mode)
 
     what = f"quantized: {quant.describe(settings)}" if quantize else "not quantized"
     print(
@@ -137,6 +146,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m qwen3_mlx.convert
             from .ollama_store import find_model
 
             del options["hf_path"]
+            if options.pop("dequantize"):
+                raise ConvertError("--dequantize reads a quantized MLX checkpoint (--hf-path)")
             convert_gguf(gguf or find_model(ollama), **options)
         else:
             convert(**options)

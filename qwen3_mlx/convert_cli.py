@@ -42,13 +42,25 @@ def configure_parser(prog: str = "python -m qwen3_mlx.convert") -> argparse.Argu
         help="Quantize the weights (default: keep them unquantized).",
     )
     parser.add_argument(
-        "--q-group-size", type=int, default=None, help="32, 64 or 128 (default: 64)."
+        "--q-group-size",
+        type=int,
+        default=None,
+        help="affine: 32, 64 or 128 (default: 64); the other modes take only their own.",
     )
     parser.add_argument(
-        "--q-bits", type=int, default=None, help="2, 3, 4, 5, 6 or 8 (default: 4, or the recipe's)."
+        "--q-bits",
+        type=int,
+        default=None,
+        help="affine: 2, 3, 4, 5, 6 or 8 (default: 4, or the recipe's); the other modes take "
+        "only their own.",
     )
+    # Checked by quant.validate_settings, not argparse `choices`: a bad value is one line, exit 1.
     parser.add_argument(
-        "--q-mode", default="affine", help="Quantization mode (only 'affine', the default)."
+        "--q-mode",
+        default="affine",
+        help=f"Quantization mode: {', '.join(quant.MODES)} (default: affine). mxfp4 is 4-bit "
+        "groups of 32, nvfp4 4-bit groups of 16, mxfp8 8-bit groups of 32; the router stays "
+        "8-bit affine.",
     )
     parser.add_argument(
         "--quant-recipe",
@@ -63,6 +75,12 @@ def configure_parser(prog: str = "python -m qwen3_mlx.convert") -> argparse.Argu
         default=None,
         help="float16, bfloat16 or float32 for unquantized tensors and scales "
         "(default: config.json's torch_dtype).",
+    )
+    parser.add_argument(
+        "-d",
+        "--dequantize",
+        action="store_true",
+        help="Dequantize a quantized MLX checkpoint (any mode) to float.",
     )
     parser.add_argument("--force", action="store_true", help="Replace an existing --mlx-path.")
     parser.add_argument(

@@ -341,7 +341,7 @@ def convert_gguf(
 
     settings, quantization = {}, None
     if quantize:
-        settings, quantization = quant.plan_quantization(model, bits, group_size, recipe)
+        settings, quantization = quant.plan_quantization(model, bits, group_size, recipe, q_mode)
     total_bytes = sum(int(t.n_bytes) for t in source.reader.tensors)
     what = f"quantized: {quant.describe(settings)}" if quantize else f"float ({dtype_name})"
     print(

@@ -9,6 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import quant
 from .config import ModelArgs, load_config
 from .errors import ConfigError
 from .hub import resolve_model_path
@@ -25,7 +26,8 @@ def apply_quantization(model: Model, quantization: dict[str, Any], weights: dict
     """Swap modules for quantized ones as the checkpoint says (mlx-lm's convention).
 
     `quantization` holds the default `group_size`/`bits`/`mode` plus per-module overrides keyed by
-    module path (a dict of settings, or False for "left unquantized").
+    module path (a dict of settings, or False for "left unquantized"), in any of MLX's modes.
+    `weights` needs only `in` and `[name].shape` (the distributed loader passes its headers).
     """
     try:
         default = {"group_size": int(quantization["group_size"]), "bits": int(quantization["bits"])}
@@ -34,21 +36,34 @@ def apply_quantization(model: Model, quantization: dict[str, Any], weights: dict
             f"{source}: 'quantization' needs integer 'group_size' and 'bits'"
         ) from None
     mode = quantization.get("mode", "affine")
+    if mode not in quant.MODES:
+        raise ConfigError(
+            f"{source}: quantization mode {mode!r} is not supported "
+            f"(choose from {', '.join(quant.MODES)})"
+        )
 
     def predicate(path: str, module: nn.Module):
-        override = quantization.get(path)
-        if isinstance(override, dict):
-            return {"mode": mode, **override}
-        if override is False or not hasattr(module, "to_quantized"):
+        if f"{path}.global_scale" in weights:  # nvfp4 with a per-tensor scale: not modelled here
+            raise ConfigError(
+                f"{source}: {path} has a global_scale (nvfp4), which is not supported"
+            )
+        named = quant.named_settings(quantization, path)
+        if named is not None:
+            return named
+        if quantization.get(path) is False or not hasattr(module, "to_quantized"):
             return False
         if f"{path}.scales" not in weights:
             return False
-        # Not named in the config: recover the settings from the packed shapes (as mlx-lm does)
-        # rather than trusting the top-level default.
-        in_dims = module.weight.shape[-1]
-        group_size = in_dims // weights[f"{path}.scales"].shape[-1]
-        bits = weights[f"{path}.weight"].shape[-1] * 32 // in_dims
-        return {"group_size": group_size, "bits": bits, "mode": mode}
+        try:
+            return quant.inferred_settings(
+                path,
+                module.weight.shape[-1],
+                weights[f"{path}.weight"].shape[-1],
+                weights[f"{path}.scales"].shape[-1],
+                f"{path}.biases" in weights,
+            )
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     nn.quantize(model, **default, mode=mode, class_predicate=predicate)
 
@@ -176,8 +191,9 @@ def prepare_for_inference(model: Model) -> Model:
     if head is None or not hasattr(head, "scales") or head.scales.dtype == mx.float32:
         return model
     rows, cols = head.weight.shape[0], head.weight.shape[1] * 32 // head.bits
-    if rows * cols * head.scales.dtype.size > DENSE_HEAD_MAX_BYTES:
-        return model
+    # Lazy: only its size is read unless it is kept. An affine table dequantizes to its scales'
+    # dtype; the float modes (uint8 scales, slower still on the CPU) to MLX's default, which is
+    # what their embedding lookups return, so the tied rows stay bit-identical there too.
     weight = mx.dequantize(
         head.weight,
         head.scales,
@@ -186,6 +202,8 @@ def prepare_for_inference(model: Model) -> Model:
         bits=head.bits,
         mode=getattr(head, "mode", "affine"),
     )
+    if weight.nbytes > DENSE_HEAD_MAX_BYTES:
+        return model
     if tied:
         dense = nn.Embedding(rows, cols)
     else:

@@ -1,6 +1,9 @@
 """Quantization recipes: which module gets which bits and group size.
 
-Affine quantization only (what mx.quantize calls "affine": per-group scale and bias).
+Four modes, mlx-lm's (`--q-mode`): "affine" (per-group scale and bias, 2-8 bits, groups of
+32/64/128) and the microscaling float formats "mxfp4" (4-bit, groups of 32), "nvfp4" (4-bit,
+groups of 16) and "mxfp8" (8-bit, groups of 32), which store a uint8 scale per group and no
+bias, and take exactly one (bits, group size) each.
 
 * The default recipe is mlx-lm's, so our conversions are bit-identical to `mlx_lm.convert -q`:
   every Linear, Embedding and stacked-expert projection at `--q-bits`/`--q-group-size`; the
@@ -12,12 +15,15 @@ Affine quantization only (what mx.quantize calls "affine": per-group scale and b
   one. Unlike mlx-lm's mixed recipes, the router stays at 8 bits and the embeddings get the
   high width (for tied checkpoints they *are* the output head).
 
+  In every mode the router is 8-bit affine: its entry carries no "mode", which mlx-lm (and
+  our loader) read as affine, whatever the top-level mode.
+
 The choices are recorded in config.json the way mlx-lm writes them:
     "quantization": {"group_size": 64, "bits": 4, "mode": "affine",
                      "model.layers.0.mlp.gate": {"group_size": 64, "bits": 8}, ...}
 plus an identical "quantization_config" copy. Only modules whose settings the recipe names
 explicitly get an entry; the others use the top-level default, or stay unquantized when
-their weights have no `.scales`.
+their weights have no `.scales`. `named_settings` and `inferred_settings` read a checkpoint's choices back.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 64
+# mlx-lm's defaults_for_mode: (group size, bits). The float modes take only these.
+MODES = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
 # mlx-lm's qwen3_moe.quant_predicate returns exactly this dict (no "mode" key): keep it equal
 # so our config.json matches mlx-lm's.
 ROUTER_SETTINGS = {"group_size": 64, "bits": 8}
@@ -78,8 +86,10 @@ def validate_settings(
     bits: int | None, group_size: int | None, mode: str = "affine", recipe: str | None = None
 ) -> tuple[int, int, str | None]:
     """Check the user's flags; return (bits, group_size, canonical recipe name)."""
+    if mode not in MODES:
+        raise ConvertError(f"--q-mode {mode!r} is not supported (choose from {', '.join(MODES)})")
     if mode != "affine":
-        raise ConvertError(f"--q-mode {mode!r} is not supported (only 'affine')")
+        return (*_float_mode_settings(mode, bits, group_size, recipe), None)
     recipe = resolve_recipe(recipe)
     if group_size is None:
         group_size = DEFAULT_GROUP_SIZE
@@ -103,6 +113,50 @@ def validate_settings(
             f"--q-bits {bits} is not supported (choose from {', '.join(map(str, SUPPORTED_BITS))})"
         )
     return bits, group_size, recipe
+
+
+def _float_mode_settings(
+    mode: str, bits: int | None, group_size: int | None, recipe: str | None
+) -> tuple[int, int]:
+    """(bits, group_size) of a float mode; MLX packs each in one format only."""
+    default_group, default_bits = MODES[mode]
+    if recipe is not None:  # as mlx-lm: "Quant predicates only support 'affine' quantization."
+        raise ConvertError(f"--quant-recipe {recipe} needs --q-mode affine, not {mode}")
+    if bits is not None and bits != default_bits:
+        raise ConvertError(
+            f"--q-bits {bits} is not supported with --q-mode {mode} (it is {default_bits}-bit)"
+        )
+    if group_size is not None and group_size != default_group:
+        raise ConvertError(
+            f"--q-group-size {group_size} is not supported with --q-mode {mode} "
+            f"(its groups are of {default_group})"
+        )
+    return default_bits, default_group
+
+
+def named_settings(quantization: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """Module `path`'s own entry in a checkpoint's "quantization" dict, as mlx-lm reads it, or
+    None. mlx-lm hands the entry to `to_quantized` as it is, so one without "mode" is affine
+    (the router's, in every mode)."""
+    entry = quantization.get(path)
+    return {"mode": "affine", **entry} if isinstance(entry, dict) else None
+
+
+def inferred_settings(
+    path: str, in_dims: int, packed_cols: int, scale_cols: int, has_biases: bool
+) -> dict[str, Any]:
+    """A stored module's settings from its shapes, for modules without an entry (mlx-lm's
+    infer_quant_config): the top-level default may not be theirs. Only affine stores biases;
+    each float mode has one (bits, group size). Raises ValueError when none fits."""
+    group_size, bits = in_dims // max(scale_cols, 1), packed_cols * 32 // in_dims
+    if has_biases:
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for mode, (mode_group, mode_bits) in MODES.items():
+        if mode != "affine" and (mode_group, mode_bits) == (group_size, bits):
+            return {"group_size": group_size, "bits": bits, "mode": mode}
+    raise ValueError(
+        f"{path}: {bits}-bit groups of {group_size} without biases match no quantization mode"
+    )
 
 
 def layer_index(path: str) -> int | None:
@@ -150,7 +204,7 @@ def quantizable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def plan_quantization(
-    model: nn.Module, bits: int, group_size: int, recipe: str | None = None
+    model: nn.Module, bits: int, group_size: int, recipe: str | None = None, mode: str = "affine"
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Decide every module's settings, as mlx-lm's quantize_model would.
 
@@ -158,7 +212,7 @@ def plan_quantization(
     the "quantization" dict for config.json). Needs only shapes, so `model` may be lazy
     (its random init never evaluated).
     """
-    default = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    default = {"group_size": group_size, "bits": bits, "mode": mode}
     if recipe is None:
         predicate = default_predicate
     else:
@@ -183,17 +237,22 @@ def plan_quantization(
 
 
 def quantize_weight(weight: mx.array, setting: dict[str, Any]) -> dict[str, mx.array]:
-    """weight → {"weight": packed uint32, "scales", "biases"} exactly as nn.quantize stores it."""
-    packed, scales, biases = mx.quantize(
+    """weight → {"weight": packed uint32, "scales"(, "biases": affine only)} exactly as
+    nn.quantize stores it."""
+    packed, scales, *biases = mx.quantize(
         weight, setting["group_size"], setting["bits"], mode=setting.get("mode", "affine")
     )
-    return {"weight": packed, "scales": scales, "biases": biases}
+    return {"weight": packed, "scales": scales, **({"biases": biases[0]} if biases else {})}
 
 
 def describe(settings: dict[str, dict[str, Any]]) -> str:
-    """A short human summary such as '4-bit g64 (193 modules), 8-bit g64 (3 modules)'."""
-    counts: dict[tuple[int, int], int] = {}
+    """A short human summary such as '4-bit g64 (193 modules), 8-bit g64 (3 modules)'; float
+    modes are named: 'mxfp4 4-bit g32 (193 modules), 8-bit g64 (3 modules)'."""
+    counts: dict[tuple[str, int, int], int] = {}
     for s in settings.values():
-        key = (s["bits"], s["group_size"])
+        key = (s.get("mode", "affine"), s["bits"], s["group_size"])
         counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{bits}-bit g{gs} ({n} modules)" for (bits, gs), n in sorted(counts.items()))
+    return ", ".join(
+        f"{'' if mode == 'affine' else mode + ' '}{bits}-bit g{gs} ({n} modules)"
+        for (mode, bits, gs), n in sorted(counts.items())
+    )

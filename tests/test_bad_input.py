@@ -90,7 +90,7 @@ def test_cli_unsupported_bits_and_group_size(src, tmp_path, capsys):
         (dict(q_group_size=48), "--q-group-size 48 is not supported"),
         (dict(quant_recipe="q5_k_s"), "--quant-recipe 'q5_k_s' is not a known recipe"),
         (dict(quant_recipe="mixed_4_6", q_bits=3), "--q-bits 3 conflicts with --quant-recipe"),
-        (dict(q_mode="mxfp4"), "--q-mode 'mxfp4' is not supported"),
+        (dict(q_mode="mxfp6"), "--q-mode 'mxfp6' is not supported"),
     ]:
         error = convert_error(src, tmp_path / "out", quantize=True, **kwargs)
         assert isinstance(error, ConvertError) and message in str(error)
