@@ -3,6 +3,7 @@
     qwen3-mlx convert  ...   = python -m qwen3_mlx.convert ...
     qwen3-mlx generate ...   = python -m qwen3_mlx.generate ...
     qwen3-mlx chat     ...   = python -m qwen3_mlx.chat ...
+    qwen3-mlx evaluate ...   = python -m qwen3_mlx.evaluate ...
     qwen3-mlx serve    ...   = python -m qwen3_mlx.server ...
     qwen3-mlx bench    ...   = the benchmarks' entry point
 
@@ -26,6 +27,10 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "generate": (("qwen3_mlx.generate",), "generate one reply from a prompt"),
     "chat": (("qwen3_mlx.chat",), "chat in the terminal"),
+    "evaluate": (
+        ("qwen3_mlx.evaluate",),
+        "perplexity over a text; KL divergence and top-1 agreement against a reference model",
+    ),
     "serve": (
         ("qwen3_mlx.server.__main__", "qwen3_mlx.server"),
         "run the LM Studio-compatible server",

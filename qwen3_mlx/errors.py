@@ -34,5 +34,9 @@ class GenerationError(Qwen3MLXError):
     """Bad generation parameters (sampling values, budgets, prompt too long)."""
 
 
+class EvaluateError(Qwen3MLXError):
+    """Bad evaluator flags or data (`python -m qwen3_mlx.evaluate`)."""
+
+
 class DistributedError(Qwen3MLXError):
     """A distributed job lost a rank or was launched inconsistently."""

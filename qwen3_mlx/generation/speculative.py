@@ -58,12 +58,8 @@ class DraftModel:
     """Drafts greedily with a smaller model of the same vocabulary (Qwen3-0.6B for any Qwen3)."""
 
     def __init__(self, draft: Any, model: Any):
-        theirs, ours = _vocab_size(draft), _vocab_size(model)
-        if theirs != ours:
-            raise GenerationError(
-                f"draft_model: its vocabulary has {theirs} tokens, the model's {ours}: a draft "
-                "must share the model's tokenizer (e.g. Qwen3-0.6B for any Qwen3)"
-            )
+        hint = "a draft must share the model's tokenizer (e.g. Qwen3-0.6B for any Qwen3)"
+        check_vocabulary(draft, model, "draft_model", hint)
         self.model = draft
         self.cache = make_cache(draft)
         self.tokens: list[int] = []  # whose K/V the draft's cache holds
@@ -96,6 +92,16 @@ def load_draft(path_or_id: Any) -> Any:
 def _vocab_size(model: Any) -> int | None:
     args = getattr(model, "args", None)
     return getattr(args, "vocab_size", None)
+
+
+def check_vocabulary(other: Any, model: Any, name: str, hint: str) -> None:
+    """`other` (a draft, the evaluator's reference) scores `model`'s token ids, so it must have
+    `model`'s vocabulary: one line naming `name` otherwise."""
+    theirs, ours = _vocab_size(other), _vocab_size(model)
+    if theirs != ours:
+        raise GenerationError(
+            f"{name}: its vocabulary has {theirs} tokens, the model's {ours}: {hint}"
+        )
 
 
 def drafter_for(
