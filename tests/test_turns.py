@@ -30,4 +30,5 @@ def test_debug_summary_sums_a_window_and_stays_quiet_when_idle(caplog, monkeypat
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1, lines
     assert "4 turns, 4 decode steps of 3-3 rows" in lines[0]
+    assert "GB active" in lines[0] and "GB cached" in lines[0]
     assert "prefill 0.400 s, decode 0.800 s" in lines[0]

@@ -1,15 +1,17 @@
 """Where the engine's time goes: its turns timed by part, summed over about a second.
 
 At DEBUG the server logs one line a second while it works (turns, decode steps, rows, seconds in
-admitting, prefill and decode, the longest decode turn); at INFO any decode turn over a second
-(a step shape met for the first time compiles on the request's time). Diagnosing a slow server on
-a GPU starts here: `--log-level debug`.
+admitting, prefill and decode, the longest decode turn, MLX's active and cached memory); at INFO
+any decode turn over a second (a step shape met for the first time compiles on the request's
+time). Diagnosing a slow server on a GPU starts here: `--log-level debug`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+
+import mlx.core as mx
 
 log = logging.getLogger("qwen3_mlx.server")
 
@@ -59,9 +61,11 @@ class TurnClock:
             return
         spent = now - self.since
         parts = ", ".join(f"{k} {v:.3f} s" for k, v in self.seconds.items())
+        # MLX's memory too: its buffer cache keeps every freed size (the batch's KV grows and
+        # shrinks through many), and on CUDA's managed memory an over-subscribed card stalls.
         log.debug(
             "engine %.2f s: %d turns, %d decode steps of %s-%d rows (longest %.3f s); %s; "
-            "other %.3f s",
+            "other %.3f s; memory %.2f GB active, %.2f GB cached",
             spent,
             self.turns,
             self.steps,
@@ -70,5 +74,7 @@ class TurnClock:
             self.longest,
             parts,
             spent - sum(self.seconds.values()),
+            mx.get_active_memory() / 1e9,
+            mx.get_cache_memory() / 1e9,
         )
         self._reset(now)
