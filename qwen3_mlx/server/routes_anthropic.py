@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .anthropic_input import anthropic_to_chat
 from .guard import ErrorReshaper
+from .openapi import operation_responses
 from .output.anthropic import MessageBuilder, error_body, error_event
 from .prepare import prepare_chat
 from .protocol import new_id
@@ -28,7 +29,7 @@ from .protocol.anthropic import (
     CountTokensRequest,
     MessagesRequest,
 )
-from .routes import Api, operation_responses
+from .routes import Api
 
 PREFIX = "/v1/messages"
 

@@ -29,6 +29,7 @@ from .lmstudio_input import chat_of
 from .loader import UNSET
 from .mcp_loop import Done, Ran, Step, ToolLoop, arguments_object, resolve_selection
 from .models import LoadedModel, ModelNotFound
+from .openapi import operation_responses
 from .output.common import dump
 from .output.lmstudio_v1 import ChatBuilder, error_event, v1_model
 from .prepare import ApiError, check_generates, prepare_chat
@@ -43,7 +44,7 @@ from .protocol.lmstudio_v1 import (
     V1UnloadResponse,
 )
 from .protocol.mcp import McpServerList
-from .routes import Api, operation_responses
+from .routes import Api
 from .rows import SSE_HEADERS
 
 PREFIX = "/api/v1"

@@ -31,6 +31,7 @@ from .guard import ErrorReshaper
 from .loader import Hold
 from .models import LoadedModel, ModelNotFound
 from .ollama_input import chat_of, generate_of, keep_alive_seconds, ollama_error
+from .openapi import ERROR_HEADERS, ERRORS, GUARDED
 from .output.ollama import NDJSON, Records, entry, error_line, loaded, running, show
 from .prepare import ApiError, check_generates, prepare_chat, prepare_completion
 from .protocol import ChatCompletionRequest
@@ -46,7 +47,7 @@ from .protocol.ollama import (
     OllamaShowResponse,
     OllamaVersion,
 )
-from .routes import ERROR_HEADERS, ERRORS, GUARDED, Api
+from .routes import Api
 
 # The Ollama release whose API these routes follow (records, tool call ids and indexes, `think`
 # levels): clients read /api/version to know what a server understands.

@@ -129,7 +129,7 @@ MAX_CHOICES = 128
 # /openapi.json must state what the server accepts. Checks made by field validators (whose error
 # messages name the field as clients expect) are stated here as the field's JSON Schema, written
 # out with `json_schema=` (it replaces the generated one; validation is unchanged). A bound that
-# depends on how the server runs carries `x-server-limit`, which `routes.document_server` fills
+# depends on how the server runs carries `x-server-limit`, which `openapi.document_server` fills
 # in: "max-tokens" (--max-tokens-limit), "choices" (--max-queue), "token-id" and "token-id-key"
 # (the served models' vocabulary), "llm-model", "embeddings-model" and "ollama-llm-model" (the
 # served models' names); and "seed", whose bounds FastAPI would round (its OpenAPI models hold
