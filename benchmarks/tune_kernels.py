@@ -1,7 +1,8 @@
 """Launch-shape sweep of the few-token kernels (GPU only): GPU time per launch, per shape,
 and whole decode steps of a model preset under each setting (section `step`).
 
-    python -m benchmarks.tune_kernels --out benchmarks/results/tune_h200.json
+    python -m benchmarks.tune_kernels \\
+        --out benchmarks/results/tune_kernels_<model>_<machine>_<date>.json
 
 Each measurement launches the kernel on `--distinct` different random weights (so the L2
 cache does not hold them, as in a real step), `--launches` times in one evaluation, and
