@@ -43,3 +43,16 @@ def test_speculative_benchmark_controls_acceptance(tmp_path):
         assert rows[impl, 1.0]["measured_acceptance"] > 0.6
         assert rows[impl, 0.0]["measured_acceptance"] == 0
         assert rows[impl, 1.0]["same_tokens_as_plain"] and rows[impl, 0.0]["same_tokens_as_plain"]
+
+
+def test_host_per_row_benchmark_writes_its_figures(tmp_path):
+    """The server's per-row host work (text, hand-off, SSE chunk) is measured and recorded."""
+    from benchmarks import host_per_row
+
+    out = tmp_path / "host"
+    record = host_per_row.main(["--tokens", "64", "--out", str(out)])
+    assert json.loads(out.with_suffix(".json").read_text()) == record
+    assert record["command"] == f"python -m benchmarks.host_per_row --tokens 64 --out {out}"
+    parts = ("sequence_append_chat_us", "hand_off_us", "completion_chunk_us")
+    assert all(record[k] > 0 for k in parts)
+    assert abs(record["per_row_per_token_us"] - sum(record[k] for k in parts)) < 0.05
