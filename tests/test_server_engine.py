@@ -331,14 +331,15 @@ def test_slots_keep_every_row_exact_through_joins_leaves_growth_and_buckets(
 ):
     """Rows of many lengths join and leave a batch whose KV columns grow and are compacted
     (STEP shrunk to 8 so it happens at test sizes) and whose bucket grows and shrinks: each row
-    still sees the logits it would alone, free slots included; with --kv-bits 8 as well."""
+    still sees the logits it would alone, free slots included; with --kv-bits 8 as well. The
+    capacity only ever takes doubling sizes."""
     from qwen3_mlx.server import slots as slot_module
 
     monkeypatch.setattr(slot_module, "STEP", 8)
     model = served.model
     rng = __import__("random").Random(5)
     batch = Batch(served)
-    live, sizes = {}, set()
+    live, sizes, capacities = {}, set(), set()
 
     def join(name, length):
         prompt = [rng.randrange(1, 500) for _ in range(length)]
@@ -355,6 +356,7 @@ def test_slots_keep_every_row_exact_through_joins_leaves_growth_and_buckets(
         logits = batch.forward(mx.array([r.next_input for r in batch.rows]))
         if batch.slots is not None:
             sizes.add(batch.slots.size)
+            capacities.add(batch.slots.capacity)
         for i, row in enumerate(batch.rows):
             name = next(n for n, v in live.items() if v[0] is row)
             _, follow, expected = live[name]
@@ -387,6 +389,10 @@ def test_slots_keep_every_row_exact_through_joins_leaves_growth_and_buckets(
     assert batch.slots is None and len(batch.rows) == 1
     assert isinstance(batch.cache[0], QuantizedKVCache if kv_bits else KVCache)
     assert {2, 4, 8} <= sizes
+    # Growth doubles, and shifts and drops keep the capacity: a few sizes of K/V arrays, each
+    # met once (slots.GROW_MAX says why).
+    assert all(c // 8 & (c // 8 - 1) == 0 for c in capacities), capacities
+    assert max(capacities) >= 64  # grown from 8 (a 40- and a 60-token row joined)
 
 
 def test_windowed_slots_match_a_rotating_cache(served, monkeypatch):

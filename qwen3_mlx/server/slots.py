@@ -33,8 +33,14 @@ from ..cache import ROTATING_KEEP
 # (on the H100's CUDA backend, ~6 s for the 30B-A3B shape with a warm kernel cache), and a free
 # slot costs compute only, which a decode step has to spare (it waits on weight reads).
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-# Columns are allocated in steps of this many (as mlx-lm's KVCache grows).
+# Capacities are STEP x 2^k columns up to GROW_MAX, then multiples of GROW_MAX. mlx-lm's KVCache
+# grows by 256 columns: a batch of long rows would get a new, larger set of K/V arrays every 256
+# steps, each a size MLX's buffer cache has never held. On the H100 a decode turn that met new, large arrays took 1.6-3 s, about every 256 steps
+# while rows decoded thousands of tokens (benchmarks/results/serve_h100_notes.md, 2026-12-08).
+# Doubling makes such sizes few, and every other change of the columns (a longer newcomer
+# shifting the rows, unused columns dropped) keeps the capacity, so a shape is met once.
 STEP = 256
+GROW_MAX = 4096
 # A windowed row (--max-kv-size) always attends to its first tokens, as mlx-lm's rotating cache.
 KEEP = ROTATING_KEEP
 
@@ -221,8 +227,9 @@ class Slots:
         live = [p for p in self.pads if p is not None]
         if live and min(live) >= STEP:  # the longest rows left: drop the columns nobody uses
             drop = min(live) // STEP * STEP
+            room = [(0, 0), (0, 0), (0, drop), (0, 0)]  # the same capacity (see GROW_MAX)
             for layer in self.layers:
-                layer._map(lambda p: mx.contiguous(p[..., drop:, :]))
+                layer._map(lambda p: mx.pad(p[..., drop:, :], room))
             self.end -= drop
             self.pads = [None if p is None else p - drop for p in self.pads]
 
@@ -313,17 +320,30 @@ class Slots:
 
     # -- room ------------------------------------------------------------------------------------
 
-    def _reserve(self, columns: int) -> None:
-        """At least `columns` columns of capacity (grown in steps of STEP)."""
+    def _capacity_for(self, columns: int) -> int:
+        """The capacity that holds `columns` columns: this one, or the smallest of STEP x 2^k
+        (up to GROW_MAX), then multiples of GROW_MAX, that does (see GROW_MAX)."""
         if columns <= self.capacity:
-            return
-        grow = -(-(columns - self.capacity) // STEP) * STEP
-        for layer in self.layers:
-            layer._map(lambda p: mx.pad(p, [(0, 0), (0, 0), (0, grow), (0, 0)]))
+            return self.capacity
+        size = STEP
+        while size < columns and size < GROW_MAX:
+            size *= 2
+        return size if size >= columns else -(-columns // GROW_MAX) * GROW_MAX
+
+    def _reserve(self, columns: int) -> None:
+        """At least `columns` columns of capacity."""
+        grow = self._capacity_for(columns) - self.capacity
+        if grow:
+            for layer in self.layers:
+                layer._map(lambda p: mx.pad(p, [(0, 0), (0, 0), (0, grow), (0, 0)]))
 
     def _shift(self, by: int) -> None:
-        """Move every row `by` columns right (a longer newcomer is joining)."""
+        """Move every row `by` columns right (a longer newcomer is joining), in a capacity of
+        the usual sizes: the columns past `end` hold nothing, so they make room."""
+        capacity = self._capacity_for(self.end + by + 1)
+        kept = min(self.capacity, capacity - by)
+        room = [(0, 0), (0, 0), (by, capacity - by - kept), (0, 0)]
         for layer in self.layers:
-            layer._map(lambda p: mx.pad(p, [(0, 0), (0, 0), (by, 0), (0, 0)]))
+            layer._map(lambda p: mx.pad(p[..., :kept, :], room))
         self.end += by
         self.pads = [None if p is None else p + by for p in self.pads]
