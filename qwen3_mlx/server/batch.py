@@ -12,7 +12,7 @@ from mlx_lm.models.cache import KVCache
 from ..generation import Sampled, SamplingStep, forward, prefill
 from ..generation.speculative import verify_rows
 from ..model import embed_rows
-from .jobs import GenerationRequest
+from .jobs import Finished, GenerationRequest
 from .models import LoadedModel
 from .prefix import copy_prefix
 from .slots import Slots, bucket_for, buckets_up_to
@@ -38,6 +38,37 @@ class Row:
         self.drafter = None
         self.drafted = self.accepted = self.rejected = 0
         self.first_token_at: float | None = None
+
+    def finished(self) -> Finished:
+        """The request's closing event: why it ended (also in LM Studio's words), its token
+        counts and times, its speculative decoding counts."""
+        seq = self.sequence
+        end = time.perf_counter()
+        first = self.first_token_at or end
+        reason = seq.finish_reason or "abort"
+        if reason == "abort":
+            stop_reason = "userStopped"
+        elif reason == "length":
+            stop_reason = "maxPredictedTokensReached"
+        elif seq.tokens and seq.tokens[-1] in seq.stop_ids:
+            stop_reason = "eosFound"
+        else:
+            stop_reason = "stopStringFound"
+        return Finished(
+            finish_reason=reason,
+            stop_reason=stop_reason,
+            prompt_tokens=len(self.request.prompt),
+            completion_tokens=len(seq.tokens),
+            reasoning_tokens=seq.thinking_tokens,
+            cached_tokens=self.cached_tokens,
+            time_to_first_token=first - self.request.submitted_at,
+            generation_time=end - first,
+            draft_tokens=self.drafted,
+            accepted_draft_tokens=self.accepted,
+            rejected_draft_tokens=self.rejected,
+            draft_model=self.request.model.drafting.name if self.drafter is not None else None,
+            stop_string=seq.stop_string,
+        )
 
 
 @dataclass

@@ -405,33 +405,7 @@ class Engine(PrefillLoop, DecodeLoop, Residency, Rehearsal):
             self.failing = 0
 
     def _finished(self, row: Row) -> Finished:
-        seq = row.sequence
-        end = time.perf_counter()
-        first = row.first_token_at or end
-        reason = seq.finish_reason or "abort"
-        if reason == "abort":
-            stop_reason = "userStopped"
-        elif reason == "length":
-            stop_reason = "maxPredictedTokensReached"
-        elif seq.tokens and seq.tokens[-1] in seq.stop_ids:
-            stop_reason = "eosFound"
-        else:
-            stop_reason = "stopStringFound"
-        finished = Finished(
-            finish_reason=reason,
-            stop_reason=stop_reason,
-            prompt_tokens=len(row.request.prompt),
-            completion_tokens=len(seq.tokens),
-            reasoning_tokens=seq.thinking_tokens,
-            cached_tokens=row.cached_tokens,
-            time_to_first_token=first - row.request.submitted_at,
-            generation_time=end - first,
-            draft_tokens=row.drafted,
-            accepted_draft_tokens=row.accepted,
-            rejected_draft_tokens=row.rejected,
-            draft_model=row.request.model.drafting.name if row.drafter is not None else None,
-            stop_string=seq.stop_string,
-        )
+        finished = row.finished()
         if self.on_finished is not None:
             self.on_finished(row.request.model.id, finished)
         return finished
