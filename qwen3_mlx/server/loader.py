@@ -49,6 +49,13 @@ log = logging.getLogger("qwen3_mlx.server")
 DEFAULT_TTL = 3600.0  # seconds: LM Studio's idle TTL for models it loads just in time
 UNSET: Any = object()  # a request that says nothing of the TTL (None: stay loaded)
 
+
+def ttl_of(body) -> float | None:
+    """A request's `ttl` (LM Studio's), or UNSET when it gives none."""
+    ttl = getattr(body, "ttl", None)
+    return UNSET if ttl is None else ttl
+
+
 # The residents the current HTTP request holds (set per request by `HoldModels`).
 HELD: ContextVar[list | None] = ContextVar("qwen3_mlx_held_models", default=None)
 

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .engine import EngineBusy
 from .jobs import Finished, Output
-from .loader import UNSET
+from .loader import ttl_of
 from .mcp_tools import McpHub, McpTool, ToolResult
 from .models import LoadedModel
 from .output.chat import ChatCollector, ChatStreamer
@@ -284,8 +284,7 @@ async def chat_with_tools(api, http: Request, body: ChatCompletionRequest, lmstu
     offered = resolve_selection(hub, chat_selection(body.mcp), "mcp")
     if body.n != 1:
         raise ApiError(400, "n: the MCP tool loop runs one choice (n 1)", param="n")
-    ttl = getattr(body, "ttl", None)
-    model = await api.load(body.model, ttl=UNSET if ttl is None else ttl)
+    model = await api.load(body.model, ttl=ttl_of(body))
     loop = ToolLoop(api, http, model, body, offered, hub)
     fmt = reasoning_format(body.reasoning_format, api.settings.reasoning_format)
     id, created = new_id("chatcmpl"), now()

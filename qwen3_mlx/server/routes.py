@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .engine import Engine
-from .loader import UNSET, ModelLoader
+from .loader import UNSET, ModelLoader, ttl_of
 from .mcp_loop import chat_with_tools
 from .models import LoadedModel, ModelRegistry
 from .openapi import STREAM_DESCRIPTION, document_server, operation_responses
@@ -121,12 +121,6 @@ def _endpoint(operation, lmstudio: bool):
     ]
     endpoint.__signature__ = inspect.Signature(parameters)
     return endpoint
-
-
-def ttl_of(body) -> float | None:
-    """A request's `ttl` (LM Studio's), or UNSET when it gives none."""
-    ttl = getattr(body, "ttl", None)
-    return UNSET if ttl is None else ttl
 
 
 class Api:
